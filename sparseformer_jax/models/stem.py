@@ -1,0 +1,45 @@
+"""The early convolution: conv 7x7/2 -> ReLU -> max-pool 3x3/2 -> per-pixel channel normalization."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparseformer_jax.models.layers import kaiming_normal_fan_out
+
+KERNEL = 7  # the stem's conv kernel; smaller images cannot be read
+
+
+def _uniform_fan_in_bias(fan_in: int):
+  """PyTorch's default conv bias init, uniform(+-1/sqrt(fan_in)), which the official code keeps."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Stem(nn.Module):
+  """Maps images (B, H, W, 3) to a stride-4 feature map (B, H/4, W/4, C), or, frame by frame
+  (a 1x7x7 conv and 1x3x3 pool), videos (B, T, H, W, 3) to (B, T, H/4, W/4, C).
+
+  The output is normalized over channels per pixel, without affine parameters, in float32:
+  `(x - mean) / sqrt(var + eps)` with the unbiased (imagenet codebase) or biased (library) var.
+  """
+  conv_dim: int
+  unbiased_var: bool
+  eps: float
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, images):
+    lead, (height, width, channels) = images.shape[:-3], images.shape[-3:]
+    x = images.reshape(-1, height, width, channels)                        # (B[*T], H, W, 3)
+    x = nn.Conv(self.conv_dim, (KERNEL, KERNEL), strides=2, padding=KERNEL // 2,
+                dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=kaiming_normal_fan_out(),
+                bias_init=_uniform_fan_in_bias(KERNEL * KERNEL * channels), name="conv")(x)
+    x = nn.relu(x)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = x.astype(jnp.float32)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = jnp.var(x, axis=-1, keepdims=True, ddof=1 if self.unbiased_var else 0)
+    x = (x - mean) / jnp.sqrt(var + self.eps)
+    return x.reshape(*lead, *x.shape[1:])                                  # (B, [T,] h, w, C)
