@@ -1,4 +1,5 @@
 """The model against reference outputs of the official PyTorch code (tests/fixtures)."""
+import dataclasses
 import functools
 import os
 
@@ -97,8 +98,7 @@ def test_every_gradient_matches_official(name):
 def test_gradient_clamp_is_what_makes_gradients_match():
   """Without the clamp, the offset gradients are far off: the fixture really tests the clamp."""
   model, variables = tiny_model("imagenet")
-  unclamped = model.clone(config=model.config.__class__(**{**model.config.__dict__,
-                                                            "grad_clamp": False}))
+  unclamped = model.clone(config=dataclasses.replace(model.config, grad_clamp=False))
   ref = reference("square")
   image = nhwc(ref["image_nchw"])
 
