@@ -53,7 +53,7 @@ class SparseFormerConfig:
   # Numerics (SPEC §1, §3, §6).
   flavor: str = "imagenet"         # "imagenet" | "library": see FLAVORS
   ln_eps: float = 1e-6
-  grad_clamp: bool = True          # clamp the sampling points' gradient to 1/H_feat
+  grad_clamp: bool = True          # clamp the sampling points' gradient to 1/H_feat (images only)
   padding: str = "zeros"           # "zeros" | "border": sampling outside the feature map
   mixing_bias: bool = True         # m_beta/s_beta and a GELU between the two mixing matmuls
   generator_hidden: Optional[int] = None  # hidden width of the mixing generator; None: width // 4

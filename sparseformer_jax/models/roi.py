@@ -82,7 +82,10 @@ def sampling_points(rois: jax.Array, offsets: jax.Array, eps: float) -> jax.Arra
   """
   offsets = offsets.astype(jnp.float32)
   mean = offsets.mean(axis=-2, keepdims=True)
-  std = jnp.std(offsets, axis=-2, keepdims=True, ddof=1)
+  var = jnp.var(offsets, axis=-2, keepdims=True, ddof=1)
+  # sqrt has an infinite slope at 0: equal offsets (e.g. the zero time offsets of inflated video
+  # weights) would give NaN gradients, where PyTorch's std gives 0.
+  std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
   offsets = (offsets - mean) / (3.0 * (std + eps))
   center, size = _center_size(rois.astype(jnp.float32))
   return center[..., None, :] + offsets * size[..., None, :]

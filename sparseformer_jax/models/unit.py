@@ -107,14 +107,17 @@ class SFUnit(nn.Module):
         elif op == "sampling":
           points = points_of(x, rois)                                      # (B, N, P, D)
           self.sow("intermediates", "points", points)
-          if cfg.grad_clamp:
+          if cfg.grad_clamp and not cfg.video:   # the official video sampler never clamps
             points = clamp_gradient(points, 1.0 / features.shape[-3])
           batch, tokens, num_points, dims = points.shape
           sampled = sample_features(features, points.reshape(batch, -1, dims), cfg.padding)
           sampled = sampled.reshape(batch, tokens, num_points, -1)        # (B, N, P, C)
           x = residual(x, mixing(sampled, x))
         elif op == "pe_inject":
-          x = x + pe_proj(pe_norm(roi_lib.roi_encoding(rois, self.width).astype(x.dtype)))
+          # The official video code has no RoI encoding yet: it injects pe_proj(pe_norm(0)).
+          encoding = (jnp.zeros_like(x) if cfg.video else
+                      roi_lib.roi_encoding(rois, self.width).astype(x.dtype))
+          x = x + pe_proj(pe_norm(encoding))
       self.sow("intermediates", "rois", rois)
       self.sow("intermediates", "embeddings", x)
     return x, rois
