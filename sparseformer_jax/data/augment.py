@@ -1,8 +1,11 @@
-"""Per-image train and eval transforms (timm/DeiT recipe) as stateless TF ops.
+"""Per-image (and per-clip) train and eval transforms (timm/DeiT recipe) as stateless TF ops.
 
 Images arrive either encoded (a scalar tf.string, JPEG or PNG) or decoded
-((H, W, 3) uint8, e.g. from a cache). Every random choice is drawn from an
-explicit seed of shape (2,), so a transform is a pure function of
+((H, W, 3) uint8, e.g. from a cache). A video clip ((T, H, W, 3) uint8) goes
+through the same transforms with ONE set of random choices for all its
+frames: one crop box, one flip, and the per-pixel stages (RandAugment, colour
+jitter, erasing) run frame by frame with the same seed. Every random choice is
+drawn from an explicit seed of shape (2,), so a transform is a pure function of
 (image, seed). Train ('inception'): random-resized crop -> bicubic resize ->
 horizontal flip -> RandAugment, or colour jitter when RandAugment is off
 (as timm does) -> normalise -> random erasing. Eval: bicubic resize of the
@@ -48,7 +51,7 @@ def decode(image) -> tf.Tensor:
 
 
 def resize_bicubic(image, size) -> tf.Tensor:
-  """(h, w, 3) uint8 -> (size[0], size[1], 3) uint8, antialiased bicubic."""
+  """([T,] h, w, 3) uint8 -> ([T,] size[0], size[1], 3) uint8, antialiased bicubic."""
   resized = tf.image.resize(image, size, method='bicubic', antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
@@ -105,11 +108,14 @@ def sample_crop_box(seed, shape, scale, ratio) -> tf.Tensor:
 
 
 def decode_and_random_crop(image, seed, scale, ratio) -> tf.Tensor:
-  """timm's random crop as (h, w, 3) uint8; a JPEG is decoded only inside the crop."""
+  """timm's random crop as ([T,] h, w, 3) uint8; a JPEG is decoded only inside the crop.
+
+  A clip (T, H, W, 3) gets one box for all its frames.
+  """
   def crop(pixels):
     top, left, height, width = tf.unstack(
-        sample_crop_box(seed, tf.shape(pixels)[:2], scale, ratio))
-    return pixels[top:top + height, left:left + width]
+        sample_crop_box(seed, tf.shape(pixels)[-3:-1], scale, ratio))
+    return pixels[..., top:top + height, left:left + width, :]
 
   def crop_jpeg():
     box = sample_crop_box(seed, tf.image.extract_jpeg_shape(image)[:2], scale, ratio)
@@ -121,14 +127,14 @@ def decode_and_random_crop(image, seed, scale, ratio) -> tf.Tensor:
 
 
 def random_resized_crop(image, seed, size, scale, ratio) -> tf.Tensor:
-  """Encoded or decoded image -> (size, size, 3) uint8 random-resized crop."""
+  """Encoded or decoded image (or clip) -> ([T,] size, size, 3) uint8 random-resized crop."""
   return resize_bicubic(decode_and_random_crop(image, seed, scale, ratio), [size, size])
 
 
 def random_flip(image, seed, prob) -> tf.Tensor:
-  """Mirrors left-right with probability `prob`."""
+  """Mirrors an image or every frame of a clip left-right with probability `prob`."""
   flip = _uniform(seed, [], 0.0, 1.0) < prob
-  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  return tf.cond(flip, lambda: tf.reverse(image, axis=[-2]), lambda: image)
 
 
 def color_jitter(image, seed, strength) -> tf.Tensor:
@@ -142,6 +148,16 @@ def color_jitter(image, seed, strength) -> tf.Tensor:
     branches = [lambda fn=fn, i=i: fn(image, factors[i]) for i, fn in enumerate(adjustments)]
     image = tf.switch_case(order[step], branches)
   return image
+
+
+def _each_frame(transform, pixels, *args) -> tf.Tensor:
+  """transform(image, *args) on an image (H, W, C), or on every frame of a clip (T, H, W, C).
+
+  The frames share `args` (and so the seed): a clip gets one augmentation, not T.
+  """
+  if pixels.shape.rank == 3:
+    return transform(pixels, *args)
+  return tf.map_fn(lambda frame: transform(frame, *args), pixels)
 
 
 def normalize(image, mean, std) -> tf.Tensor:
@@ -185,7 +201,7 @@ def _mean_std(input_config):
 
 def resize_short_side(image, short_side) -> tf.Tensor:
   """torchvision Resize(int): short side -> `short_side`, long side int(long * ratio)."""
-  shape = tf.shape(image)[:2]
+  shape = tf.shape(image)[-3:-1]
   scaled = tf.cast(tf.cast(shape, tf.float64) * short_side
                    / tf.cast(tf.reduce_min(shape), tf.float64), tf.int32)
   new_shape = tf.where(shape == tf.reduce_min(shape), short_side, scaled)
@@ -193,14 +209,19 @@ def resize_short_side(image, short_side) -> tf.Tensor:
 
 
 def center_crop(image, size) -> tf.Tensor:
-  height, width = tf.unstack(tf.shape(image)[:2])
+  """([T,] H, W, 3) -> ([T,] size, size, 3), the centred square."""
+  height, width = tf.unstack(tf.shape(image)[-3:-1])
   top = tf.cast(tf.round((height - size) / 2), tf.int32)
   left = tf.cast(tf.round((width - size) / 2), tf.int32)
-  return tf.ensure_shape(image[top:top + size, left:left + size], [size, size, 3])
+  return tf.ensure_shape(image[..., top:top + size, left:left + size, :],
+                         image.shape[:-3].concatenate([size, size, 3]))
 
 
 def eval_transform(image, input_config) -> tf.Tensor:
-  """Deterministic: resize short side to round(size / crop_pct), centre crop, normalise."""
+  """Deterministic: resize short side to round(size / crop_pct), centre crop, normalise.
+
+  Image -> (size, size, 3) float32; clip (T, H, W, 3) uint8 -> (T, size, size, 3).
+  """
   size = input_config.image_size
   resize_to = round(size / input_config.get('crop_pct', 0.875))
   image = center_crop(resize_short_side(decode(image), resize_to), size)
@@ -219,7 +240,10 @@ def _color_augment(image, seed, input_config) -> tf.Tensor:
 
 
 def train_transform(image, seed, input_config) -> tf.Tensor:
-  """Encoded/decoded image + seed (2,) -> normalised float32 (size, size, 3)."""
+  """Encoded/decoded image + seed (2,) -> normalised float32 (size, size, 3).
+
+  A clip (T, H, W, 3) uint8 -> (T, size, size, 3), the same augmentation on every frame.
+  """
   mode = input_config.get('augment', 'inception')
   check_augment_mode(mode)
   if mode == 'none':
@@ -231,9 +255,9 @@ def train_transform(image, seed, input_config) -> tf.Tensor:
                               tuple(input_config.get('ratio', (3.0 / 4.0, 4.0 / 3.0))))
   image = random_flip(image, flip_seed, input_config.get('hflip', 0.5))
   if mode == 'inception':
-    image = _color_augment(image, color_seed, input_config)
+    image = _each_frame(_color_augment, image, color_seed, input_config)
   image = normalize(image, *_mean_std(input_config))
   reprob = input_config.get('reprob', 0.25)
   if mode == 'inception' and reprob > 0:
-    image = random_erasing(image, erase_seed, reprob)
+    image = _each_frame(random_erasing, image, erase_seed, reprob)
   return image
