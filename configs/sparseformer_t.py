@@ -1,0 +1,19 @@
+"""SparseFormer-T (sparseformer_v1_tiny) on ImageNet-1K, the recipe of SPEC §8.
+
+Expected: top-1 81.0 (ema_val/top1 / val/top1 at epoch 300, 224 px).
+
+Cloud TPU VM pod slice (runs on every host; data prepared once into a bucket):
+  gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="cd sparseformer-jax && \
+    python main.py --config=configs/sparseformer_t.py --workdir=gs://$BUCKET/sf_t \
+    --config.data_dir=gs://$BUCKET/tensorflow_datasets"
+GPU machine (8 GPUs, bfloat16 compute):
+  python main.py --config=configs/sparseformer_t.py --workdir=workdirs/sf_t --config.dtype=bfloat16
+Smoke run (tiny model, seconds on a CPU):
+  python main.py --config=configs/sparseformer_t.py:smoke --workdir=/tmp/sf_t_smoke
+Running the same command again resumes from the workdir's latest checkpoint.
+"""
+from configs import common
+
+
+def get_config(arg: str = ''):
+  return common.imagenet_config('sparseformer_v1_tiny', drop_path_rate=0.2, arg=arg)

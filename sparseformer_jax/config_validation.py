@@ -1,0 +1,218 @@
+"""What a training config may contain, and the checks that run before anything compiles.
+
+`base_config()` is the schema: every field the trainer and the input pipeline read, with its
+default (the ImageNet-1K recipe of SPEC §8) and its meaning. Experiment configs start from it and
+change what differs. `validate_config` rejects unknown or missing fields and bad values with a
+message that names the field and the fix; `check_against_devices` does the same for the batch
+sizes and the mesh once the device count is known.
+"""
+import dataclasses
+import difflib
+import typing
+
+import ml_collections
+from ml_collections import config_dict
+
+from sparseformer_jax import SparseFormerConfig
+
+
+class ConfigError(ValueError):
+  """A config field has a value the trainer cannot use; the message names the field and the fix."""
+
+
+# Model fields that the trainer sets from other config fields.
+_MODEL_FIELDS_SET_BY_TRAINER = ('num_classes', 'drop_path_rate', 'dtype')
+
+
+def model_overrides() -> ml_collections.ConfigDict:
+  """Every SparseFormerConfig field as a typed placeholder, so --config.model.overrides.X works.
+
+  None leaves the variant's value; see sparseformer_jax/models/config.py for their meaning.
+  """
+  hints = typing.get_type_hints(SparseFormerConfig)
+  overrides = ml_collections.ConfigDict()
+  for field in dataclasses.fields(SparseFormerConfig):
+    if field.name in _MODEL_FIELDS_SET_BY_TRAINER:
+      continue
+    kind = hints[field.name]
+    if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
+      kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    kind = typing.get_origin(kind) or kind  # Tuple[str, ...] -> tuple
+    overrides[field.name] = config_dict.placeholder(kind)
+  return overrides
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every known field with its default (SPEC §8 recipe, sparseformer_v1_tiny, ImageNet-1K)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                          # model init, dropout (fold_in(key, step)) and data order
+  c.dataset = 'imagenet2012'          # a TFDS name, e.g. 'synthetic_objects/smoke'
+  c.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: the TFDS default
+  c.image_key = 'image'
+  c.label_key = 'label'
+  c.train_split = 'train'
+  c.eval_split = 'validation'         # evaluated whole, exactly, on any number of hosts
+
+  c.input = ml_collections.ConfigDict()
+  c.input.image_size = 224            # train crop and eval crop side, pixels
+  c.input.crop_pct = 0.875            # eval: resize to image_size / crop_pct, then center crop
+  c.input.mean = (0.485, 0.456, 0.406)  # normalization, 0..1 units
+  c.input.std = (0.229, 0.224, 0.225)
+  c.input.scale = (0.08, 1.0)         # inception crop area range
+  c.input.ratio = (3 / 4, 4 / 3)      # inception crop aspect range
+  c.input.hflip = 0.5                 # horizontal flip probability
+  c.input.augment = 'inception'       # 'inception' | 'light' | 'none'
+  c.input.randaugment = 'rand-m9-mstd0.5-inc1'  # timm spec, '' = off
+  c.input.color_jitter = 0.4          # used only when randaugment is ''
+  c.input.reprob = 0.25               # random erasing probability (per-pixel noise)
+  c.input.mixup = 0.8                 # mixup alpha, 0 = off
+  c.input.cutmix = 1.0                # cutmix alpha, 0 = off
+  c.input.mixup_prob = 1.0            # probability that a batch is mixed at all
+  c.input.mixup_switch_prob = 0.5     # probability of cutmix instead of mixup
+  c.input.label_smoothing = 0.1       # targets are smoothed soft labels
+  c.input.repeated_aug = 3            # repeated augmentation count, 1 = off
+  c.input.shuffle_buffer = 50_000
+  c.input.prefetch = 2                # batches prefetched on the host
+  c.input.cache = False               # cache decoded examples in memory
+  c.input.num_frames = 0              # > 0: video clips of this many frames (video models)
+  c.input.temporal_stride = 1         # video: frames between consecutive clip frames
+  c.input.eval_views = 1              # video: clips per eval video, their logits averaged
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'sparseformer_v1_tiny'  # see sparseformer_jax.create_model
+  c.model.drop_path_rate = 0.2
+  c.model.overrides = model_overrides()  # create_model fields; None: the variant's value
+  c.dtype = 'float32'                 # compute dtype: 'float32' | 'bfloat16' (params stay f32)
+
+  c.global_batch_size = 1024          # over all devices and hosts
+  c.eval_batch_size = 1024            # over all devices and hosts
+  c.num_epochs = 300.0                # training length, unless num_train_steps > 0
+  c.num_train_steps = -1              # > 0: overrides num_epochs
+  c.warmup_epochs = 20.0              # linear warm-up length (converted to steps)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.base_lr = 5e-4          # peak lr per lr_base_batch_size examples
+  c.optimizer.warmup_lr = 5e-7        # warm-up start lr, scaled like base_lr
+  c.optimizer.min_lr = 5e-6           # cosine end lr, scaled like base_lr
+  c.optimizer.lr_base_batch_size = 512  # lr = base_lr * global_batch_size / this
+  c.optimizer.weight_decay = 0.05     # AdamW, not on params with ndim <= 1 nor initial_roi
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.grad_clip_norm = 5.0    # global-norm clip, 0 = off
+  c.optimizer.ema_decay = 0.9999      # EMA of the params, evaluated beside the raw params
+  c.optimizer.accum_steps = 1         # micro-batches per step (gradient accumulation)
+
+  c.log_every_steps = 100             # train/* scalars and progress
+  c.eval_every_steps = -1             # -1: once per epoch; 0: only at the end (always at the end)
+  c.checkpoint_every_steps = 1000     # 0: only at the end; always at the end and on SIGTERM
+  c.keep_checkpoints = 3              # the newest N are kept
+  c.init_from = ''                    # weights to start from (a workdir, a checkpoints dir or a
+                                      # step dir, e.g. scripts/convert_checkpoint.py --out); resume
+                                      # from the workdir itself needs no flag
+  c.init_inflate_replicates = 0       # > 0: init_from holds IMAGE weights, inflated into this
+                                      # video model with that many token replicas (SPEC §7)
+  c.eval_only = False                 # evaluate the workdir's latest checkpoint (else init_from)
+  c.nan_policy = 'raise'              # non-finite loss/grad: 'raise' (stop) | 'skip' (count it)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                    # data-parallel axis size, -1: all devices / fsdp
+  c.mesh.fsdp = 1                     # axis that also shards params and optimizer state
+
+  c.profile = ml_collections.ConfigDict()
+  c.profile.first_step = -1           # first profiled step, -1 = no profile
+  c.profile.num_steps = 5
+  return c
+
+
+_CHOICES = {
+    'dtype': ('float32', 'bfloat16'),
+    'nan_policy': ('raise', 'skip'),
+    'input.augment': ('inception', 'light', 'none'),
+}
+_POSITIVE = ('global_batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints',
+             'optimizer.accum_steps', 'optimizer.lr_base_batch_size', 'input.image_size',
+             'profile.num_steps', 'input.temporal_stride', 'input.eval_views')
+_NON_NEGATIVE = ('checkpoint_every_steps', 'warmup_epochs', 'optimizer.base_lr',
+                 'optimizer.warmup_lr', 'optimizer.min_lr', 'optimizer.weight_decay',
+                 'optimizer.grad_clip_norm', 'model.drop_path_rate', 'input.num_frames',
+                 'init_inflate_replicates')
+
+
+def _get(config, dotted):
+  for part in dotted.split('.'):
+    config = config[part]
+  return config
+
+
+def _check_fields(config, schema, prefix=''):
+  """Unknown and missing fields, recursively."""
+  for key in config.keys():
+    name = prefix + key
+    if key not in schema:
+      known = list(schema.keys())
+      close = (difflib.get_close_matches(key, known, n=1)
+               or [k for k in known if key in k or k in key][:1])
+      hint = f' Did you mean {prefix}{close[0]}?' if close else ''
+      raise ConfigError(
+          f'config.{name} is not a known field.{hint} The known fields are listed, with their '
+          f'meaning, in sparseformer_jax/config_validation.py:base_config().')
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        raise ConfigError(f'config.{name} must be a ConfigDict of fields, got {config[key]!r}.')
+      _check_fields(config[key], schema[key], name + '.')
+  if prefix == 'model.overrides.':
+    return  # A config may name only the model fields it overrides.
+  for key in schema.keys():
+    if key not in config:
+      raise ConfigError(
+          f'config.{prefix}{key} is missing. Build configs from '
+          f'sparseformer_jax.config_validation.base_config() (its default is '
+          f'{schema[key]!r}).')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Field names and values, independent of devices. Raises ConfigError naming the fix."""
+  _check_fields(config, base_config())
+  for name, choices in _CHOICES.items():
+    if _get(config, name) not in choices:
+      raise ConfigError(f'config.{name}={_get(config, name)!r} is not one of {choices}.')
+  for name in _POSITIVE:
+    if not _get(config, name) > 0:
+      raise ConfigError(f'config.{name}={_get(config, name)!r} must be > 0.')
+  for name in _NON_NEGATIVE:
+    if not _get(config, name) >= 0:
+      raise ConfigError(f'config.{name}={_get(config, name)!r} must be >= 0.')
+  if config.num_train_steps <= 0 and not config.num_epochs > 0:
+    raise ConfigError('The run has no length: set config.num_epochs > 0 or '
+                      'config.num_train_steps > 0.')
+  if not 0.0 <= config.optimizer.ema_decay < 1.0:
+    raise ConfigError(f'config.optimizer.ema_decay={config.optimizer.ema_decay} must be in '
+                      '[0, 1).')
+  if config.init_inflate_replicates and not config.init_from:
+    raise ConfigError('config.init_inflate_replicates inflates the image weights of '
+                      'config.init_from, which is empty: set it, or set the replicas to 0.')
+  if config.eval_every_steps < -1:
+    raise ConfigError('config.eval_every_steps must be -1 (every epoch), 0 (only at the end) '
+                      f'or a step count, got {config.eval_every_steps}.')
+
+
+def check_against_devices(config, *, device_count: int) -> None:
+  """Batch sizes and mesh axes must split evenly over all devices (of all hosts)."""
+  mesh = config.mesh
+  if mesh.fsdp < 1 or device_count % mesh.fsdp:
+    raise ConfigError(f'config.mesh.fsdp={mesh.fsdp} must divide the {device_count} devices.')
+  if mesh.data != -1 and mesh.data * mesh.fsdp != device_count:
+    raise ConfigError(
+        f'config.mesh.data * config.mesh.fsdp = {mesh.data} * {mesh.fsdp} must equal the '
+        f'{device_count} devices; set config.mesh.data=-1 to use all of them.')
+  accum = config.optimizer.accum_steps
+  for name, unit in (('global_batch_size', device_count * accum),
+                     ('eval_batch_size', device_count)):
+    size = _get(config, name)
+    if size % unit:
+      per = f'{device_count} devices' + (f' x {accum} micro-batches' if unit != device_count
+                                         else '')
+      raise ConfigError(
+          f'config.{name}={size} is not divisible by the {per}: set --config.{name} to a '
+          f'multiple of {unit}, e.g. {-(-size // unit) * unit}.')

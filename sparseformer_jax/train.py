@@ -1,0 +1,372 @@
+"""Training and evaluation of SparseFormer, in one function read top to bottom.
+
+checks -> mesh -> data -> model & optimizer -> state shapes & shardings -> resume / init_from /
+fresh init -> jitted steps -> loop (log, eval, checkpoint, SIGTERM) -> final eval.
+
+Reliability rules: the data position is a function of the step (a resumed run sees the same
+examples as an uninterrupted one); the dropout key of step s is fold_in(key, s); a step whose
+loss or gradient is not finite is never applied ('raise' stops the run at it, before any later
+checkpoint; 'skip' counts it); SIGTERM saves a checkpoint at the current step and returns.
+"""
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from clu import periodic_actions
+from etils import epath
+
+from sparseformer_jax import checkpointing
+from sparseformer_jax import config_validation
+from sparseformer_jax import create_model
+from sparseformer_jax import metrics as metrics_lib
+from sparseformer_jax import optim
+from sparseformer_jax import preemption
+from sparseformer_jax import sharding
+from sparseformer_jax.data import input_pipeline
+from sparseformer_jax.models import inflate
+
+
+def _prepare_workdir(config, workdir: str) -> None:
+  """Creates the workdir, proves it writable, and records the config (process 0)."""
+  path = epath.Path(workdir)
+  probe = path / f'.write_probe_{jax.process_index()}'
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise config_validation.ConfigError(
+        f'The workdir {workdir} is not writable ({e}); pass a --workdir you can write to.'
+    ) from e
+  if jax.process_index() == 0:
+    (path / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+
+
+def _build_model(config, num_classes: int):
+  """create_model from the config, with its errors pointed at the config fields."""
+  overrides = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
+  try:
+    model = create_model(config.model.name, num_classes=num_classes, dtype=config.dtype,
+                         drop_path_rate=config.model.drop_path_rate, **overrides)
+  except (ValueError, TypeError) as e:
+    raise config_validation.ConfigError(
+        f'config.model (name={config.model.name!r}, overrides={overrides}): {e}') from e
+  if model.config.video != (config.input.num_frames > 0):
+    raise config_validation.ConfigError(
+        f'config.input.num_frames={config.input.num_frames} does not fit a model with '
+        f'video={model.config.video}: video models (config.model.overrides.video=True) take '
+        'clips (num_frames > 0), image models take images (num_frames = 0).')
+  return model
+
+
+def _dataset_info(config) -> dict:
+  try:
+    return input_pipeline.get_dataset_info(config)
+  except FileNotFoundError as e:
+    raise config_validation.ConfigError(f'config.dataset={config.dataset!r}: {e}') from e
+
+
+def _schedule_steps(config, num_train_examples: int):
+  """(total steps, warm-up steps, eval interval in steps; 0 = only at the end)."""
+  steps_per_epoch = num_train_examples / config.global_batch_size
+  total = (config.num_train_steps if config.num_train_steps > 0
+           else math.ceil(config.num_epochs * steps_per_epoch))
+  warmup = round(config.warmup_epochs * steps_per_epoch)
+  eval_every = (max(1, round(steps_per_epoch)) if config.eval_every_steps == -1
+                else config.eval_every_steps)
+  return total, warmup, eval_every
+
+
+# Independent PRNG streams folded into jax.random.key(config.seed); made inside jit, so nothing
+# runs on a device before every check has passed.
+_INIT_STREAM, _DROPOUT_STREAM = 0, 1
+
+
+def _stream_key(seed: int, stream: int):
+  return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def make_init_fn(model, tx, config):
+  """() -> the initial train state; jit it with out_shardings to build it in place."""
+  frames, size = config.input.num_frames, config.input.image_size
+  sample_shape = (1,) + ((frames,) if frames else ()) + (size, size, 3)  # an image or a clip
+
+  def init_state():
+    params = model.init({'params': _stream_key(config.seed, _INIT_STREAM)},
+                        jnp.zeros(sample_shape), train=False)['params']
+    return {'step': jnp.zeros((), jnp.int32), 'skipped_steps': jnp.zeros((), jnp.int32),
+            'params': params, 'ema_params': params, 'opt_state': tx.init(params)}
+  return init_state
+
+
+def make_train_step(model, tx, schedule, config, mesh):
+  """(state, batch) -> (state, metrics): one optimizer update, over accum_steps micro-batches."""
+  accum = config.optimizer.accum_steps
+  ema_decay = config.optimizer.ema_decay
+
+  def loss_fn(params, images, targets, key):
+    logits = model.apply({'params': params}, images, train=True, rngs={'dropout': key})
+    return metrics_lib.soft_target_cross_entropy(logits, targets)
+
+  def loss_and_grads(params, batch, key):
+    if accum == 1:
+      return jax.value_and_grad(loss_fn)(params, batch['image'], batch['label'], key)
+    # (B, ...) -> (accum, B / accum, ...) keeping every device's rows on that device.
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+    micro = jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(
+            jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), split), batch)
+
+    def body(grad_sum, inputs):
+      i, mb = inputs
+      loss, grads = jax.value_and_grad(loss_fn)(params, mb['image'], mb['label'],
+                                                jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, grad_sum, grads), loss
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, losses = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    return losses.mean(), jax.tree.map(lambda g: g / accum, grad_sum)
+
+  def train_step(state, batch):
+    key = jax.random.fold_in(_stream_key(config.seed, _DROPOUT_STREAM), state['step'])
+    loss, grads = loss_and_grads(state['params'], batch, key)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new_state = {
+        'step': state['step'] + 1,
+        'skipped_steps': state['skipped_steps'] + (~finite).astype(jnp.int32),
+        # A non-finite step changes nothing but the counters.
+        **optim.tree_where(finite, {
+            'params': params,
+            'ema_params': optim.ema_update(state['ema_params'], params, ema_decay),
+            'opt_state': opt_state,
+        }, {k: state[k] for k in ('params', 'ema_params', 'opt_state')}),
+    }
+    step_metrics = {
+        'train/loss': loss, 'train/grad_norm': grad_norm, 'finite': finite,
+        # The lr this update used: the schedule counts applied updates only.
+        'train/lr': schedule(state['step'] - state['skipped_steps']),
+        'train/skipped_steps': new_state['skipped_steps'],
+    }
+    return new_state, step_metrics
+  return train_step
+
+
+def make_eval_step(model, num_classes: int):
+  """(params, ema_params, batch) -> summed correct top-1/top-5 counts of both, and the count."""
+  top_k = min(5, num_classes)
+
+  def logits_of(params, images):
+    if images.ndim == 6:  # Video eval views (B, V, T, H, W, 3): average each video's V logits.
+      views = images.reshape((-1,) + images.shape[2:])
+      logits = model.apply({'params': params}, views, train=False)
+      return logits.reshape(images.shape[:2] + logits.shape[-1:]).mean(axis=1)
+    return model.apply({'params': params}, images, train=False)
+
+  def eval_step(params, ema_params, batch):
+    mask = batch['mask']
+    counts = {'val/num_examples': mask.sum(dtype=jnp.int32)}
+    for prefix, p in (('val', params), ('ema_val', ema_params)):
+      logits = logits_of(p, batch['image'])
+      for k, name in ((1, 'top1'), (top_k, 'top5')):
+        correct = metrics_lib.topk_correct(logits, batch['label'], k) & mask
+        counts[f'{prefix}/{name}'] = correct.sum(dtype=jnp.int32)
+    return counts
+  return eval_step
+
+
+def evaluate(eval_step, state, config, mesh) -> dict:
+  """Top-1/top-5 of params and EMA over the whole eval split, exact on any device count."""
+  local_batch = config.eval_batch_size // jax.process_count()
+  totals = None
+  for batch in input_pipeline.create_eval_iterator(
+      config, local_batch_size=local_batch, process_index=jax.process_index(),
+      process_count=jax.process_count()):
+    counts = eval_step(state['params'], state['ema_params'],
+                       sharding.global_batch(sharding.pad_batch(batch, local_batch), mesh))
+    totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+  totals = jax.device_get(totals)
+  n = int(totals['val/num_examples'])
+  return {k: (n if k == 'val/num_examples' else int(v) / max(n, 1)) for k, v in totals.items()}
+
+
+class _FiniteCheck:
+  """Looks at a step's `finite` flag one step late, so the device queue never drains."""
+
+  def __init__(self, policy: str):
+    self._policy = policy
+    self._pending = None
+
+  def __call__(self, step, step_metrics):
+    """Checks the previous pending step, then queues this one."""
+    self.flush()
+    self._pending = (step, step_metrics)
+
+  def flush(self):
+    if self._pending is None:
+      return
+    step, m = self._pending
+    self._pending = None
+    if bool(m['finite']):
+      return
+    loss, grad_norm = float(m['train/loss']), float(m['train/grad_norm'])
+    if self._policy == 'raise':
+      raise FloatingPointError(
+          f'Non-finite loss or gradient at step {step} (train/loss={loss}, '
+          f'train/grad_norm={grad_norm}). The update was not applied and no checkpoint after '
+          f'it was written. Lower config.optimizer.base_lr or raise grad_clip_norm, or set '
+          f"config.nan_policy='skip' to skip such steps.")
+    logging.warning('Skipped step %d: train/loss=%s, train/grad_norm=%s (%d skipped so far).',
+                    step, loss, grad_norm, int(m['train/skipped_steps']))
+
+
+def load_init_weights(config, abstract, shardings, mesh) -> dict:
+  """config.init_from's {'params'} (and, for eval-only, 'ema_params' if saved), on the mesh.
+
+  With init_inflate_replicates > 0 they are image weights, inflated into this video model.
+  """
+  if config.init_inflate_replicates:
+    logging.info('Inflating the image params of %s into %d token replicas.', config.init_from,
+                 config.init_inflate_replicates)
+    image_params = checkpointing.load_saved_params(config.init_from, sharding.replicated(mesh))
+    params = inflate.inflate_from_image({'params': image_params},
+                                        config.init_inflate_replicates)['params']
+    checkpointing.check_structure(abstract['params'], params, f'{config.init_from} (inflated)')
+    return {'params': jax.device_put(params, shardings['params'])}
+  # Training starts its EMA from the loaded params; eval-only evaluates a saved EMA too.
+  wanted = ('params', 'ema_params') if config.eval_only else ('params',)
+  return checkpointing.load_entries(config.init_from, {k: abstract[k] for k in wanted})
+
+
+def _initial_state(config, workdir, checkpoints, init_state, abstract, shardings, mesh):
+  """The workdir's latest checkpoint (resume); else a fresh init, with init_from's weights."""
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    logging.info('Resuming from %s/%d.', checkpoints.directory, latest)
+    return checkpoints.restore(latest, abstract)
+  if config.eval_only and not config.init_from:
+    raise config_validation.ConfigError(
+        f'config.eval_only needs weights: {workdir} has no checkpoint; set config.init_from.')
+  state = jax.jit(init_state, out_shardings=shardings)()
+  if config.init_from:
+    weights = load_init_weights(config, abstract, shardings, mesh)
+    state['params'] = weights['params']
+    state['ema_params'] = (weights['ema_params'] if 'ema_params' in weights
+                           else jax.tree.map(jnp.copy, weights['params']))
+  return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from the workdir's latest checkpoint if any) and evaluates.
+
+  Returns the last evaluation's metrics (val/top1, val/top5, ema_val/..., val/num_examples).
+  """
+  config_validation.validate_config(config)
+  config_validation.check_against_devices(config, device_count=jax.device_count())
+  _prepare_workdir(config, workdir)
+  info = _dataset_info(config)
+  model = _build_model(config, info['num_classes'])
+  mesh = sharding.create_mesh(config.mesh)
+  total_steps, warmup_steps, eval_every = _schedule_steps(config, info['num_train_examples'])
+  schedule = optim.learning_rate_schedule(config.optimizer,
+                                          global_batch_size=config.global_batch_size,
+                                          total_steps=total_steps, warmup_steps=warmup_steps)
+  tx = optim.create_optimizer(config.optimizer, schedule)
+
+  init_state = make_init_fn(model, tx, config)
+  # Shapes without computing anything; each array gets its sharding on the mesh.
+  abstract = jax.eval_shape(init_state)
+  shardings = sharding.state_shardings(abstract, mesh)
+  abstract = sharding.with_shardings(abstract, shardings)
+  checkpoints = checkpointing.Checkpoints(str(epath.Path(workdir) / 'checkpoints'),
+                                          keep=config.keep_checkpoints)
+  writer = metrics_lib.create_writer(workdir)
+  watcher = preemption.PreemptionWatcher()
+  try:
+    state = _initial_state(config, workdir, checkpoints, init_state, abstract, shardings, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    eval_step = jax.jit(make_eval_step(model, info['num_classes']),
+                        in_shardings=(shardings['params'], shardings['ema_params'],
+                                      batch_sharding),
+                        out_shardings=sharding.replicated(mesh))
+    start_step = int(state['step'])
+    if config.eval_only or start_step >= total_steps:
+      # A finished run, started again, evaluates its final state (an eval cut short by a
+      # kill after the last checkpoint is not lost).
+      results = evaluate(eval_step, state, config, mesh)
+      writer.write_scalars(start_step, results)
+      return results
+
+    train_step = jax.jit(make_train_step(model, tx, schedule, config, mesh),
+                         in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, sharding.replicated(mesh)),
+                         donate_argnums=0)
+    metrics_lib.truncate_metrics_file(workdir, start_step)  # Steps after it are re-run.
+    train_iter = input_pipeline.create_train_iterator(
+        config, local_batch_size=config.global_batch_size // jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        start_step=start_step)
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps)
+    hooks = [report_progress]
+    if config.profile.first_step >= 0 and jax.process_index() == 0:
+      hooks.append(periodic_actions.Profile(
+          logdir=workdir, num_profile_steps=config.profile.num_steps,
+          first_profile=config.profile.first_step))
+    finite_check = _FiniteCheck(config.nan_policy)
+    results = {}
+    logging.info('Training steps %d..%d on %s.', start_step + 1, total_steps, mesh)
+    timer = (time.monotonic(), start_step)  # img/s: training steps only, since this point
+    for step in range(start_step + 1, total_steps + 1):
+      batch = sharding.global_batch(next(train_iter), mesh)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, step_metrics = train_step(state, batch)
+      if step == start_step + 1:  # Compilation is no part of img/s.
+        jax.block_until_ready(step_metrics)
+        timer = (time.monotonic(), step)
+      finite_check(step, step_metrics)
+      for hook in hooks:
+        hook(step)
+      is_last = step == total_steps
+      preempted = watcher.reached(step)
+      log_now = step % config.log_every_steps == 0 or is_last
+      eval_now = (eval_every and step % eval_every == 0) or is_last
+      every = config.checkpoint_every_steps
+      save_now = (every and step % every == 0) or is_last or preempted
+
+      if log_now:
+        finite_check.flush()
+        scalars = {k: v for k, v in jax.device_get(step_metrics).items() if k != 'finite'}
+        if config.nan_policy != 'skip':
+          del scalars['train/skipped_steps']
+        if step > timer[1]:
+          scalars['train/img_per_sec'] = ((step - timer[1]) * config.global_batch_size
+                                          / (time.monotonic() - timer[0]))
+        writer.write_scalars(step, scalars)
+      if save_now:
+        finite_check.flush()  # Never save a state that followed a non-finite step.
+      if save_now and preempted:  # A preemption notice leaves seconds: checkpoint before eval.
+        checkpoints.save(step, state, wait=True)
+      if eval_now:
+        with report_progress.timed('eval'):
+          results = evaluate(eval_step, state, config, mesh)
+        writer.write_scalars(step, results)
+      if save_now and not preempted:
+        checkpoints.save(step, state)
+      if log_now or eval_now or save_now:
+        timer = (time.monotonic(), step)
+      if preempted:
+        logging.warning('Stopped for preemption at step %d with a checkpoint; run the same '
+                        'command again to resume.', step)
+        break
+    finite_check.flush()
+    return results
+  finally:
+    watcher.close()
+    checkpoints.close()
+    writer.flush()

@@ -1,0 +1,122 @@
+"""Checkpoints: only complete ones count, another model's is refused, PyTorch weights load."""
+import importlib.util
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, by_step, read_metrics, restore_numpy, run_main, smoke_config
+from sparseformer_jax import checkpointing, load_torch_checkpoint, optim, sharding, train
+
+FIXTURE = REPO / 'tests' / 'fixtures' / 'sf_v1_tiny_library_format.pth'
+# The fixture's model (tests/fixtures/sf_v1_tiny_config.json) as create_model overrides.
+FIXTURE_MODEL = dict(conv_dim=32, num_tokens=16, num_points=36, focusing_width=64,
+                     cortex_width=128, cortex_depth=3, num_classes=10)
+
+
+def _state(value: float):
+  return {'step': jnp.array(int(value), jnp.int32),
+          'params': {'w': jnp.full((4, 3), value), 'b': jnp.full((3,), -value)}}
+
+
+def test_only_complete_checkpoints_count_the_newest_kept_and_partial_ones_removed(tmp_path):
+  checkpoints = checkpointing.Checkpoints(tmp_path, keep=2)
+  for step in (1, 2, 3):
+    checkpoints.save(step, _state(step))
+  checkpoints.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['2', '3']
+  # Left by saves cut short: a tmp dir, and a step dir without its commit file (object stores).
+  (tmp_path / '4.orbax-checkpoint-tmp-1700000000').mkdir()
+  shutil.copytree(tmp_path / '3', tmp_path / '5')
+  (tmp_path / '5' / 'commit_success.txt').unlink()
+
+  checkpoints = checkpointing.Checkpoints(tmp_path, keep=2)
+  assert checkpoints.latest_step() == 3
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['2', '3']
+  restored = checkpoints.restore(3, jax.eval_shape(lambda: _state(0)))
+  checkpoints.close()
+  np.testing.assert_array_equal(restored['params']['w'], np.full((4, 3), 3.0))
+
+
+def test_restoring_into_another_structure_lists_every_difference(tmp_path):
+  checkpoints = checkpointing.Checkpoints(tmp_path, keep=1)
+  checkpoints.save(1, _state(1), wait=True)
+  other = {'step': jnp.zeros((), jnp.int32),
+           'params': {'w': jnp.zeros((4, 5)), 'extra': jnp.zeros((2,))}}
+  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+    checkpoints.restore(1, jax.eval_shape(lambda: other))
+  checkpoints.close()
+  message = str(error.value)
+  assert 'missing in the checkpoint (1):\n    params/extra' in message
+  assert 'unexpected in the checkpoint (1):\n    params/b' in message
+  assert 'shape differs (1):\n    params/w: checkpoint (4, 3) vs model (4, 5)' in message
+
+
+def _convert(out):
+  spec = importlib.util.spec_from_file_location('convert_checkpoint',
+                                                REPO / 'scripts' / 'convert_checkpoint.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.convert(str(FIXTURE), 'sparseformer_v1_tiny', str(out), FIXTURE_MODEL)
+
+
+def test_converted_pytorch_checkpoint_loads_exactly_and_evaluates(main_env, tmp_path):
+  fields = _convert(tmp_path / 'converted')
+  assert fields == {'flavor': 'library', 'grad_clamp': False}
+  expected = load_torch_checkpoint(str(FIXTURE), 'sparseformer_v1_tiny', **FIXTURE_MODEL)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+      expected['params'])
+  loaded = checkpointing.load_entries(str(tmp_path / 'converted'),
+                                      {'params': abstract, 'ema_params': abstract})
+  assert set(loaded) == {'params'}  # A converted checkpoint has no EMA.
+  for a, b in zip(jax.tree.leaves(loaded['params']), jax.tree.leaves(expected['params'])):
+    np.testing.assert_array_equal(a, b)
+
+  overrides = [f'--config.model.overrides.{k}={v}' for k, v in FIXTURE_MODEL.items()
+               if k != 'num_classes'] + ['--config.model.overrides.flavor=library',
+                                         '--config.model.overrides.grad_clamp=False']
+  run_main(main_env, tmp_path / 'eval', '--config.eval_only=True',
+           f'--config.init_from={tmp_path / "converted"}', *overrides)
+  records = read_metrics(tmp_path / 'eval')
+  assert by_step(records, 'val/num_examples') == {0: 128}
+  assert by_step(records, 'val/top1') == by_step(records, 'ema_val/top1')  # EMA = params
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_compiling(smoke_run, tmp_path,
+                                                                   no_compiles):
+  shutil.copytree(smoke_run, tmp_path / 'run')
+  config = smoke_config()
+  config.model.overrides.num_tokens = 16
+  config.model.overrides.cortex_depth = 3
+  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  message = str(error.value)
+  assert 'missing in the checkpoint' in message and 'params/cortex/unit_2/' in message
+  assert 'params/initial_roi: checkpoint (9, 4) vs model (16, 4)' in message
+  assert no_compiles() == 0
+
+
+def test_image_weights_inflate_into_the_video_model(smoke_run):
+  config = smoke_config()
+  config.model.overrides.update(video=True, replicates=2)
+  config.input.num_frames = 8
+  config.init_from = str(smoke_run)  # an image run of the same model sizes
+  config.init_inflate_replicates = 2
+  model = train._build_model(config, num_classes=10)  # pylint: disable=protected-access
+  mesh = sharding.create_mesh(config.mesh)
+  tx = optim.create_optimizer(config.optimizer, lambda step: 0.0)
+  abstract = jax.eval_shape(train.make_init_fn(model, tx, config))
+  shardings = sharding.state_shardings(abstract, mesh)
+  weights = train.load_init_weights(config, sharding.with_shardings(abstract, shardings),
+                                    shardings, mesh)
+  image = restore_numpy(smoke_run, 12)['params']
+  video_roi = np.asarray(weights['params']['initial_roi'])  # (2 replicas x 9 tokens, x y t x y t)
+  assert video_roi.shape == (18, 6)
+  for replica in range(2):
+    np.testing.assert_array_equal(video_roi[replica * 9:(replica + 1) * 9][:, [0, 1, 3, 4]],
+                                  image['initial_roi'])
+  np.testing.assert_array_equal(weights['params']['head']['kernel'], image['head']['kernel'])
