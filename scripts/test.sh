@@ -4,4 +4,5 @@
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh" test
 export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2
-python -m pytest -q -p no:cacheprovider "$@"
+# Two workers: compiles are single-threaded, and CI has two cores.
+python -m pytest -q -n 2 -p no:cacheprovider "$@"
