@@ -4,6 +4,7 @@ One frozen dataclass describes every official SparseFormer: v1 (ICLR 2024) in bo
 flavors, the bootstrapped/CLIP variants (CVPR 2024) and the video model. `create_model` builds a
 linen module from a variant name plus field overrides.
 """
+import ast
 import dataclasses
 from typing import Optional, Tuple
 
@@ -169,3 +170,18 @@ def get_config(name: str, **overrides) -> SparseFormerConfig:
                      f"{', '.join(sorted(fields))}.")
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
   return SparseFormerConfig(**{**VARIANTS[name], **overrides}).validate()
+
+
+def parse_overrides(items) -> dict:
+  """Command-line 'field=value' strings -> {field: value}; values are Python literals, or bare
+  strings (['num_classes=10', 'flavor=library'] -> {'num_classes': 10, 'flavor': 'library'})."""
+  overrides = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"Model override {item!r}: expected field=value, e.g. num_classes=10.")
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value
+  return overrides
