@@ -114,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
                                       # video model with that many token replicas (SPEC §7)
   c.eval_only = False                 # evaluate the workdir's latest checkpoint (else init_from)
   c.nan_policy = 'raise'              # non-finite loss/grad: 'raise' (stop) | 'skip' (count it)
+  c.roi_images = 4                    # eval draws the tokens' RoIs on this many validation
+                                      # images into TensorBoard (image models; 0 = off)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                    # data-parallel axis size, -1: all devices / fsdp

@@ -14,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from clu import periodic_actions
@@ -26,6 +27,8 @@ from sparseformer_jax import metrics as metrics_lib
 from sparseformer_jax import optim
 from sparseformer_jax import preemption
 from sparseformer_jax import sharding
+from sparseformer_jax import token_intermediates
+from sparseformer_jax import visualize
 from sparseformer_jax.data import input_pipeline
 from sparseformer_jax.models import inflate
 
@@ -76,7 +79,7 @@ def _schedule_steps(config, num_train_examples: int):
   total = (config.num_train_steps if config.num_train_steps > 0
            else math.ceil(config.num_epochs * steps_per_epoch))
   warmup = round(config.warmup_epochs * steps_per_epoch)
-  eval_every = (max(1, round(steps_per_epoch)) if config.eval_every_steps == -1
+  eval_every = (math.ceil(steps_per_epoch) if config.eval_every_steps == -1
                 else config.eval_every_steps)
   return total, warmup, eval_every
 
@@ -193,6 +196,25 @@ def evaluate(eval_step, state, config, mesh) -> dict:
   totals = jax.device_get(totals)
   n = int(totals['val/num_examples'])
   return {k: (n if k == 'val/num_examples' else int(v) / max(n, 1)) for k, v in totals.items()}
+
+
+def make_roi_writer(model, config, writer):
+  """(step, params) -> writes a picture of every token's RoI on a few validation images.
+
+  Process 0 only, image models only, `config.roi_images` images (0 = off): a person watching
+  TensorBoard sees the tokens find the objects as training goes.
+  """
+  if not config.roi_images or model.config.video or jax.process_index() != 0:
+    return lambda step, params: None
+  batch = next(iter(input_pipeline.create_eval_iterator(
+      config, local_batch_size=config.roi_images, process_index=0, process_count=1)))
+  images = np.asarray(batch['image'])[np.asarray(batch['mask'])]
+  pixels = visualize.denormalize(images, config.input.mean, config.input.std)
+
+  def write(step, params):
+    out = token_intermediates(model, {'params': jax.device_get(params)}, images)
+    writer.write_images(step, {'rois': visualize.render_rois(pixels, out, cell_size=128)[None]})
+  return write
 
 
 class _FiniteCheck:
@@ -316,9 +338,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     hooks = [report_progress]
     if config.profile.first_step >= 0 and jax.process_index() == 0:
       hooks.append(periodic_actions.Profile(
-          logdir=workdir, num_profile_steps=config.profile.num_steps,
-          first_profile=config.profile.first_step))
+          logdir=workdir, num_profile_steps=config.profile.num_steps, profile_duration_ms=None,
+          first_profile=config.profile.first_step, every_secs=None))
     finite_check = _FiniteCheck(config.nan_policy)
+    write_rois = make_roi_writer(model, config, writer)
     results = {}
     logging.info('Training steps %d..%d on %s.', start_step + 1, total_steps, mesh)
     timer = (time.monotonic(), start_step)  # img/s: training steps only, since this point
@@ -356,6 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with report_progress.timed('eval'):
           results = evaluate(eval_step, state, config, mesh)
         writer.write_scalars(step, results)
+        write_rois(step, state['params'])
       if save_now and not preempted:
         checkpoints.save(step, state)
       if log_now or eval_now or save_now:

@@ -108,9 +108,12 @@ def run_python(env, code: str, *args, devices: int = 1, check: bool = True, time
 
 @pytest.fixture(scope='session')
 def smoke_run(tmp_path_factory, main_env):
-  """The uninterrupted reference: the embedded default's smoke run through main.py."""
+  """The uninterrupted reference: the embedded default's smoke run through main.py.
+
+  It also profiles steps 3-4 (the profiler does not change what is computed).
+  """
   workdir = tmp_path_factory.mktemp('smoke_reference')
-  run_main(main_env, workdir)
+  run_main(main_env, workdir, '--config.profile.first_step=3', '--config.profile.num_steps=2')
   return workdir
 
 

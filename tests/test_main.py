@@ -6,6 +6,8 @@ import signal
 import subprocess
 import time
 
+import tensorflow as tf
+
 from conftest import assert_same_run, by_step, main_command, read_metrics, run_main, xla_flags
 
 TRAIN_NAMES = ('train/loss', 'train/lr', 'train/grad_norm', 'train/img_per_sec')
@@ -23,7 +25,12 @@ def test_smoke_run_records_config_metrics_events_and_checkpoints(smoke_run):
     assert sorted(by_step(records, name)) == [12], name
   assert by_step(records, 'val/num_examples') == {12: 128}  # the whole smoke eval split
   assert by_step(records, 'steps_per_sec')  # clu's ReportProgress went through the writer
-  assert list(smoke_run.glob('events.out.tfevents.*'))
+  events = list(smoke_run.glob('events.out.tfevents.*'))
+  assert events
+  images = [v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0]))
+            for v in e.summary.value if v.tag == 'rois']
+  assert images == ['rois']   # the eval's picture of the tokens' RoIs, in TensorBoard
+  assert list(smoke_run.glob('plugins/profile/*/*.xplane.pb'))  # the profiler window
   checkpoints = smoke_run / 'checkpoints'
   assert sorted(int(p.name) for p in checkpoints.iterdir()) == [4, 8, 12]
   assert all((p / 'commit_success.txt').exists() for p in checkpoints.iterdir())

@@ -11,8 +11,9 @@ trunc_normal = nn.initializers.truncated_normal
 
 
 def gelu(x):
-  """Exact (erf) GELU, as PyTorch's nn.GELU; flax's default is the tanh approximation."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact GELU x/2 (1 + erf(x/sqrt 2)), as PyTorch's nn.GELU (flax's default is the tanh
+  approximation). Written with erf: twice as fast on CPU as jax.nn.gelu's erfc form."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 def quick_gelu(x):
@@ -20,11 +21,24 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def _matmul_2d(x, kernel, dimension_numbers, precision=None, **unused):
+  """nn.Dense's `x @ kernel` over x's last axis as ONE 2-D matmul: (..., K) -> (M, K) @ (K, F).
+
+  On XLA:CPU the weight gradient of a 2-D matmul needs no transposed copy of the incoming
+  gradient; with N-D inputs XLA transposes it, recomputing the residual-gradient chain into
+  every such copy (a third of a transformer block's backward pass).
+  """
+  del unused
+  assert dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())) and precision is None
+  out = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+  return out.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 def dense(features: int, dtype, name: str, use_bias: bool = True,
           kernel_init=trunc_normal(0.02), **kwargs) -> nn.Dense:
   """Linear layer with SparseFormer's default init (trunc-normal std .02, zero bias)."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=kernel_init, name=name, **kwargs)
+                  kernel_init=kernel_init, dot_general=_matmul_2d, name=name, **kwargs)
 
 
 def layer_norm(eps: float, dtype, name: str, width: int = 0) -> nn.LayerNorm:
@@ -60,7 +74,12 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection (q, k, v stacked on the outputs)."""
+  """Multi-head self-attention with a fused qkv projection (q, k, v stacked on the outputs).
+
+  Laid out heads-major (B, H, N, hd), with the softmax normalization applied to the (N, hd)
+  output instead of the (N, N) weights: with SparseFormer's many tiny heads this makes the
+  forward pass ~3x faster on CPU than the textbook einsums, and the backward a little faster.
+  """
   num_heads: int
   dtype: str = "float32"
 
@@ -69,11 +88,15 @@ class Attention(nn.Module):
     batch, tokens, width = x.shape
     head_dim = width // self.num_heads
     qkv = dense(3 * width, self.dtype, "qkv")(x)
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)          # (B, N, 3, H, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim ** -0.5, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, width)
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv                                                          # (B, H, N, hd) each
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k).astype(jnp.float32)
+    # exp(logits - max) / sum: the max only guards exp against overflow and cancels out, so it
+    # needs no gradient.
+    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
+    out = out / weights.sum(axis=-1, keepdims=True).astype(out.dtype)     # (B, H, N, hd)
+    out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, width)
     return dense(width, self.dtype, "proj")(out)
 
 

@@ -1,0 +1,230 @@
+"""Throughput of a SparseFormer (or the dense ViT baseline): inference or one AdamW training step.
+
+  python scripts/benchmark.py --model sparseformer_v1_tiny --mode infer --batch-size 32
+  python scripts/benchmark.py --model sparseformer_v1_tiny --mode train --batch-size 32
+  python scripts/benchmark.py --model sparseformer_v1_tiny --sweep 224,448,896 \
+      --baseline vit_s16 --batch-size 8 --plot /tmp/sweep.png
+
+Compilation and `--warmup` calls are excluded; each of `--reps` repetitions times `--steps`
+calls, and the median repetition gives img/s. FLOPs are XLA's count for the compiled program
+(2 per multiply-add) divided by the batch. Peak memory is the device's own figure where the
+backend reports one (GPU/TPU), else null; `xla_memory_bytes` is the compiled program's
+arguments + outputs + temporaries. The last line printed is one JSON object.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparseformer_jax import create_model
+from sparseformer_jax.models.config import parse_overrides
+from sparseformer_jax.models.vit import VIT_VARIANTS, create_vit
+
+
+def parse_resolution(text: str):
+  """'224' -> (224, 224); '224x320' -> (224, 320) as (H, W)."""
+  parts = [int(p) for p in text.lower().split("x")]
+  if len(parts) == 1:
+    parts *= 2
+  if len(parts) != 2 or min(parts) < 1:
+    raise argparse.ArgumentTypeError(f"resolution {text!r}: expected H or HxW, e.g. 224x320")
+  return tuple(parts)
+
+
+def build_model(name: str, dtype: str, overrides: dict):
+  """A SparseFormer variant or a ViT baseline (`vit_*`) by name."""
+  if name in VIT_VARIANTS:
+    return create_vit(name, dtype=dtype, **overrides)
+  return create_model(name, dtype=dtype, **overrides)
+
+
+def make_step(model, mode: str, images, key):
+  """(jitted step function, its initial arguments); the step's outputs feed its next call.
+
+  infer: (params, images) -> logits. train: one AdamW update on a softmax cross-entropy with
+  drop path on: (state, images, labels) -> (state, loss), the state donated.
+  """
+  params = jax.jit(model.init)(key, images[:1])["params"]
+  if mode == "infer":
+    return jax.jit(lambda p, x: model.apply({"params": p}, x)), (params, images)
+  tx = optax.adamw(1e-4, weight_decay=0.05)
+  labels = jnp.zeros(images.shape[0], jnp.int32)
+
+  def train_step(state, x, y):
+    params, opt_state, step = state
+
+    def loss_fn(p):
+      logits = model.apply({"params": p}, x, train=True,
+                           rngs={"dropout": jax.random.fold_in(key, step)})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, step + 1), loss
+  state = (params, tx.init(params), jnp.zeros((), jnp.int32))
+  return jax.jit(train_step, donate_argnums=0), (state, images, labels)
+
+
+def _cost(compiled, key: str):
+  """One entry of XLA's cost analysis (a dict, or a list of dicts in older jax), or None."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return (cost or {}).get(key)
+
+
+def _xla_memory_bytes(compiled):
+  """Arguments + outputs + temporaries of the compiled program (bytes), or None."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def _peak_device_memory():
+  """The device's peak bytes in use, where the backend reports it (GPU/TPU); None on CPU."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def _call(fn, args, mode):
+  """Runs one step and threads the train state through; returns the next arguments."""
+  out = fn(*args)
+  jax.block_until_ready(out)
+  return (out[0], *args[1:]) if mode == "train" else args
+
+
+def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str = "float32",
+            reps: int = 5, steps: int = 1, warmup: int = 1, overrides=None, seed: int = 0) -> dict:
+  """Compiles and times one configuration; returns the figures as a dict (img/s None if reps=0)."""
+  model = build_model(model_name, dtype, overrides or {})
+  key = jax.random.key(seed)
+  images = jax.random.normal(key, (batch_size, *resolution, 3), jnp.float32)
+  fn, args = make_step(model, mode, images, key)
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  flops = _cost(compiled, "flops")
+  for _ in range(warmup):
+    args = _call(fn, args, mode)
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    for _ in range(steps):
+      args = _call(fn, args, mode)
+    times.append((time.perf_counter() - start) / steps)
+  median = statistics.median(times) if times else None
+  return {
+      "model": model_name, "mode": mode, "batch_size": batch_size,
+      "resolution": list(resolution), "dtype": dtype, "backend": jax.default_backend(),
+      "img_per_sec": batch_size / median if median else None,
+      "step_seconds": times,
+      "gflops_per_image": flops / batch_size / 1e9 if flops else None,
+      "compile_seconds": compile_s,
+      "peak_memory_bytes": _peak_device_memory(),
+      "xla_memory_bytes": _xla_memory_bytes(compiled),
+  }
+
+
+def _format_row(row: dict) -> str:
+  img_s = f"{row['img_per_sec']:9.1f}" if row["img_per_sec"] else "        -"
+  gflops = f"{row['gflops_per_image']:10.2f}" if row["gflops_per_image"] else "         -"
+  memory = row["peak_memory_bytes"] or row["xla_memory_bytes"]
+  memory = f"{memory / 2**20:10.0f}" if memory else "         -"
+  return (f"{row['model']:24s} {'x'.join(map(str, row['resolution'])):>9s} {gflops} {img_s} "
+          f"{row['compile_seconds']:9.1f} {memory}")
+
+
+TABLE_HEADER = (f"{'model':24s} {'HxW':>9s} {'GFLOP/img':>10s} {'img/s':>9s} {'compile s':>9s} "
+                f"{'mem MiB':>10s}")
+
+
+def plot_sweep(rows, path: str) -> None:
+  """Saves GFLOP/image and img/s against resolution, one line per model, as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for name in dict.fromkeys(r["model"] for r in rows):
+    mine = [r for r in rows if r["model"] == name]
+    side = [r["resolution"][0] for r in mine]
+    axes[0].plot(side, [r["gflops_per_image"] for r in mine], "o-", label=name)
+    timed = [(s, r["img_per_sec"]) for s, r in zip(side, mine) if r["img_per_sec"]]
+    if timed:
+      axes[1].plot(*zip(*timed), "o-", label=name)
+  axes[0].set(xlabel="image side (px)", ylabel="GFLOP / image (XLA)", xscale="log",
+              yscale="log", title="cost")
+  axes[1].set(xlabel="image side (px)", ylabel="images / s", xscale="log", yscale="log",
+              title=f"{rows[0]['mode']}, batch {rows[0]['batch_size']}, {rows[0]['dtype']}, "
+                    f"{rows[0]['backend']}")
+  for ax in axes:
+    ax.set_xticks(sorted({r["resolution"][0] for r in rows}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="sparseformer_v1_tiny",
+                      help="a SparseFormer variant or a ViT baseline: " + ", ".join(VIT_VARIANTS))
+  parser.add_argument("--mode", choices=("infer", "train"), default="infer")
+  parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--resolution", type=parse_resolution, default=(224, 224),
+                      help="H or HxW in pixels")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="compute dtype (params stay float32)")
+  parser.add_argument("--reps", type=int, default=5, help="timed repetitions (0: compile only)")
+  parser.add_argument("--steps", type=int, default=1, help="calls per repetition")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
+  parser.add_argument("--override", action="append", default=[],
+                      help="model config field=value (repeatable), e.g. --override num_tokens=16")
+  parser.add_argument("--sweep", default="",
+                      help="comma-separated square resolutions, e.g. 224,448,896: prints a table "
+                           "for --model and --baseline")
+  parser.add_argument("--baseline", default="vit_s16",
+                      help="dense model swept beside --model ('' for none)")
+  parser.add_argument("--baseline-override", action="append", default=[],
+                      help="config field=value of the baseline (repeatable)")
+  parser.add_argument("--plot", default="", help="sweep: save the plot to this PNG")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  """Runs the benchmark (or the sweep), prints a table, then one JSON line; returns that dict."""
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  common = dict(mode=args.mode, batch_size=args.batch_size, dtype=args.dtype, reps=args.reps,
+                steps=args.steps, warmup=args.warmup)
+  if not args.sweep:
+    result = measure(args.model, resolution=args.resolution,
+                     overrides=parse_overrides(args.override), **common)
+    print(TABLE_HEADER + "\n" + _format_row(result), flush=True)
+  else:
+    models = [(args.model, parse_overrides(args.override))]
+    if args.baseline:
+      models.append((args.baseline, parse_overrides(args.baseline_override)))
+    print(TABLE_HEADER, flush=True)
+    rows = []
+    for name, overrides in models:
+      for side in (int(s) for s in args.sweep.split(",")):
+        rows.append(measure(name, resolution=(side, side), overrides=overrides, **common))
+        print(_format_row(rows[-1]), flush=True)
+    if args.plot:
+      plot_sweep(rows, args.plot)
+      print(f"plot: {args.plot}", flush=True)
+    result = {**rows[0], "sweep": rows, "plot": args.plot or None}
+  print(json.dumps(result), flush=True)
+  return result
+
+
+if __name__ == "__main__":
+  main()
