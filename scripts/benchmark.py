@@ -3,16 +3,21 @@
   python scripts/benchmark.py --model sparseformer_v1_tiny --mode infer --batch-size 32
   python scripts/benchmark.py --model sparseformer_v1_tiny --mode train --batch-size 32
   python scripts/benchmark.py --model sparseformer_v1_tiny --sweep 224,448,896 \
-      --baseline vit_s16 --batch-size 8 --plot /tmp/sweep.png
+      --baseline vit_s16 --batch-size 8 --plot sweep.png
 
 Compilation and `--warmup` calls are excluded; each of `--reps` repetitions times `--steps`
 calls, and the median repetition gives img/s. FLOPs are XLA's count for the compiled program
 (2 per multiply-add) divided by the batch. Peak memory is the device's own figure where the
 backend reports one (GPU/TPU), else null; `xla_memory_bytes` is the compiled program's
-arguments + outputs + temporaries. The last line printed is one JSON object.
+arguments + outputs + temporaries. On a shared machine, `step_cpu_seconds` (the process's CPU
+time per step, all threads) varies less than wall time.
+
+The last line printed is one JSON object: the figures, and for a sweep the same for every
+(model, resolution) under "sweep", the top level repeating the first row.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=wrong-import-position
 from sparseformer_jax import create_model
 from sparseformer_jax.models.config import parse_overrides
 from sparseformer_jax.models.vit import VIT_VARIANTS, create_vit
@@ -43,13 +50,20 @@ def build_model(name: str, dtype: str, overrides: dict):
   return create_model(name, dtype=dtype, **overrides)
 
 
+def _init_params(model, key, image):
+  """The model's initial params. The init runs once, untimed: compiling it without LLVM
+  optimizations halves its compile time."""
+  init = jax.jit(model.init).lower(key, image).compile({"xla_backend_optimization_level": 0})
+  return init(key, image)["params"]
+
+
 def make_step(model, mode: str, images, key):
   """(jitted step function, its initial arguments); the step's outputs feed its next call.
 
   infer: (params, images) -> logits. train: one AdamW update on a softmax cross-entropy with
   drop path on: (state, images, labels) -> (state, loss), the state donated.
   """
-  params = jax.jit(model.init)(key, images[:1])["params"]
+  params = _init_params(model, key, images[:1])
   if mode == "infer":
     return jax.jit(lambda p, x: model.apply({"params": p}, x)), (params, images)
   tx = optax.adamw(1e-4, weight_decay=0.05)
@@ -109,25 +123,26 @@ def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str 
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
-  flops = _cost(compiled, "flops")
   for _ in range(warmup):
-    args = _call(fn, args, mode)
-  times = []
+    args = _call(compiled, args, mode)
+  wall, cpu = [], []
   for _ in range(reps):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
-      args = _call(fn, args, mode)
-    times.append((time.perf_counter() - start) / steps)
-  median = statistics.median(times) if times else None
+      args = _call(compiled, args, mode)
+    wall.append((time.perf_counter() - start) / steps)
+    cpu.append((time.process_time() - start_cpu) / steps)
+  flops = _cost(compiled, "flops")
   return {
       "model": model_name, "mode": mode, "batch_size": batch_size,
       "resolution": list(resolution), "dtype": dtype, "backend": jax.default_backend(),
-      "img_per_sec": batch_size / median if median else None,
-      "step_seconds": times,
+      "img_per_sec": batch_size / statistics.median(wall) if wall else None,
       "gflops_per_image": flops / batch_size / 1e9 if flops else None,
       "compile_seconds": compile_s,
       "peak_memory_bytes": _peak_device_memory(),
       "xla_memory_bytes": _xla_memory_bytes(compiled),
+      "step_seconds": wall,
+      "step_cpu_seconds": cpu,
   }
 
 
@@ -164,9 +179,11 @@ def plot_sweep(rows, path: str) -> None:
                     f"{rows[0]['backend']}")
   for ax in axes:
     ax.set_xticks(sorted({r["resolution"][0] for r in rows}))
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.lines:
+      ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -70,8 +70,11 @@ def restore_numpy(workdir, step: int) -> dict:
 def main_env(tmp_path_factory):
   """Environment of main.py subprocesses: quiet TF, one shared compilation cache."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  base = tmp_path_factory.getbasetemp()
+  # pytest-xdist workers share their parent directory, hence one cache for all of them.
+  cache = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'jax_cache'
   env.update(TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+             JAX_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
   return env
 

@@ -52,12 +52,14 @@ def drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.
   """Stochastic depth per sample: zeroes a whole sample's residual with probability `rate`.
 
   Draws from `module`'s 'dropout' PRNG stream, so randomness is explicit in `apply(rngs=...)`.
+  Multiplies by a per-sample 0 or 1/keep, as timm's drop_path; a `where` over the whole array
+  made XLA:CPU re-derive the random mask for every element (5% of a training step).
   """
   if not train or rate == 0.0:
     return x
   keep = 1.0 - rate
   mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+  return x * (mask / keep).astype(x.dtype)
 
 
 class Mlp(nn.Module):

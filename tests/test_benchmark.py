@@ -1,0 +1,69 @@
+"""scripts/benchmark.py on tiny models: its JSON line, train vs inference FLOPs, the sweep plot."""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "scripts"))
+import benchmark  # pylint: disable=wrong-import-position
+
+TINY_SF = ["conv_dim=8", "num_tokens=4", "num_points=4", "focusing_width=16", "cortex_width=32",
+           "cortex_depth=1", "focusing_repeats=2", "num_heads=2", "num_classes=4"]
+TINY_VIT = ["patch=8", "width=16", "depth=1", "num_heads=2", "num_classes=4"]
+
+
+def run(capsys, *args) -> dict:
+  """benchmark.main(args) -> the JSON object of its last printed line (checked against the dict
+  main returns)."""
+  returned = benchmark.main([*args, "--warmup", "0"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  printed = json.loads(lines[-1])
+  assert printed == json.loads(json.dumps(returned))
+  return printed
+
+
+def overrides(flag, items):
+  return [arg for item in items for arg in (flag, item)]
+
+
+def test_train_and_inference_report_throughput_and_xla_flops(capsys):
+  common = ["--batch-size", "2", "--resolution", "32x48", "--reps", "2",
+            *overrides("--override", TINY_SF)]
+  infer = run(capsys, "--mode", "infer", *common)
+  train = run(capsys, "--mode", "train", *common)
+  for result in (infer, train):
+    assert result["resolution"] == [32, 48] and result["batch_size"] == 2
+    assert len(result["step_seconds"]) == 2 and len(result["step_cpu_seconds"]) == 2
+    assert result["img_per_sec"] == pytest.approx(2 / statistics.median(result["step_seconds"]))
+    assert result["compile_seconds"] > 0 and result["xla_memory_bytes"] > 0
+  # A training step is the forward pass, about twice that backward, and the optimizer.
+  assert 2.0 < train["gflops_per_image"] / infer["gflops_per_image"] < 4.5
+
+
+def test_sweep_prints_a_table_and_plots_cost_against_resolution(capsys, tmp_path):
+  plot = tmp_path / "sweep.png"
+  result = run(capsys, "--sweep", "32,64", "--batch-size", "1", "--reps", "1",
+               "--baseline", "vit_s16", "--plot", str(plot), *overrides("--override", TINY_SF),
+               *overrides("--baseline-override", TINY_VIT))
+  rows = {(r["model"], r["resolution"][0]): r for r in result["sweep"]}
+  assert sorted(rows) == [("sparseformer_v1_tiny", 32), ("sparseformer_v1_tiny", 64),
+                          ("vit_s16", 32), ("vit_s16", 64)]
+  growth = {name: rows[name, 64]["gflops_per_image"] / rows[name, 32]["gflops_per_image"]
+            for name in ("sparseformer_v1_tiny", "vit_s16")}
+  # Every patch is a ViT token (4x the tokens, and attention 16x); SparseFormer's latent tokens
+  # stay, only its stem grows.
+  assert growth["vit_s16"] > 3.5 and growth["sparseformer_v1_tiny"] < growth["vit_s16"]
+  with Image.open(plot) as picture:
+    assert picture.format == "PNG" and picture.size == (1000, 400)
+
+
+def test_resolution_argument():
+  assert benchmark.parse_resolution("224") == (224, 224)
+  assert benchmark.parse_resolution("224x320") == (224, 320)
+  with pytest.raises(argparse.ArgumentTypeError):
+    benchmark.parse_resolution("0x3")
