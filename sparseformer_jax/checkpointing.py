@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 ITEM = 'state'
@@ -76,14 +77,28 @@ def _flat_shapes(tree) -> dict:
   return {'/'.join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def check_structure(expected, found_metadata, source: str, *, prefixes=None) -> None:
+def skip_paths(names: str):
+  """'head, cls_embedding' -> a predicate on 'params/head/kernel'-style paths (the entry aside)."""
+  prefixes = tuple(n.strip().strip('/') for n in names.split(',') if n.strip())
+  def skipped(path: str) -> bool:
+    inner = path.split('/', 1)[-1]
+    return any(inner == p or inner.startswith(p + '/') for p in prefixes)
+  return skipped
+
+
+def check_structure(expected, found_metadata, source: str, *, prefixes=None,
+                    skip: str = '') -> None:
   """Raises CheckpointMismatchError listing missing, unexpected and mis-shaped entries.
 
-  `prefixes` limits the comparison to these top-level entries (e.g. ('params',)).
+  `prefixes` limits the comparison to these top-level entries (e.g. ('params',)); params under
+  `skip` (see skip_paths) are left out of it.
   """
+  skipped = skip_paths(skip)
   want, have = _flat_shapes(expected), _flat_shapes(found_metadata)
   if prefixes is not None:
     have = {k: v for k, v in have.items() if k.split('/')[0] in prefixes}
+  want = {k: v for k, v in want.items() if not skipped(k)}
+  have = {k: v for k, v in have.items() if not skipped(k)}
   missing = sorted(set(want) - set(have))
   unexpected = sorted(set(have) - set(want))
   misshaped = sorted(f'{k}: checkpoint {have[k]} vs model {want[k]}'
@@ -98,7 +113,16 @@ def check_structure(expected, found_metadata, source: str, *, prefixes=None) -> 
         + (show('missing in the checkpoint', missing) if missing else '')
         + (show('unexpected in the checkpoint', unexpected) if unexpected else '')
         + (show('shape differs', misshaped) if misshaped else '')
-        + '\nUse the config that wrote it, or another workdir / init_from.')
+        + '\nUse the config that wrote it, or another workdir / init_from. To fine-tune weights '
+        'made for another number of classes, set config.init_skip=head (a new head).')
+
+
+def without_skipped(tree, skip: str):
+  """`tree` ({'params': {...}, ...}) without the params under `skip` (see skip_paths)."""
+  skipped = skip_paths(skip)
+  flat = traverse_util.flatten_dict(tree, sep='/')
+  return traverse_util.unflatten_dict(
+      {tuple(k.split('/')): v for k, v in flat.items() if not skipped(k)})
 
 
 class Checkpoints:
@@ -176,12 +200,13 @@ def load_saved_params(path: str, sharding) -> dict:
   return restored[ITEM]['params']
 
 
-def load_entries(path: str, abstract: dict) -> dict:
+def load_entries(path: str, abstract: dict, skip: str = '') -> dict:
   """Restores the top-level entries of `abstract` that the checkpoint at `path` holds.
 
   For weights only (init_from, eval of a converted checkpoint): `abstract` is e.g.
   {'params': ..., 'ema_params': ...} of ShapeDtypeStructs with shardings; an entry the
-  checkpoint lacks is left out of the result; 'params' must be there.
+  checkpoint lacks is left out of the result; 'params' must be there. Params under `skip`
+  (see skip_paths) are neither checked nor loaded.
   """
   directory, step = _resolve(path)
   manager = _weights_manager(directory)
@@ -190,8 +215,10 @@ def load_entries(path: str, abstract: dict) -> dict:
   source = str(directory / str(step))
   if 'params' not in wanted:
     raise CheckpointMismatchError(f'{source} holds no params (it has {sorted(found)}).')
-  check_structure(wanted, found, source, prefixes=tuple(wanted))
-  logging.info('Loading %s from %s', sorted(wanted), source)
+  check_structure(wanted, found, source, prefixes=tuple(wanted), skip=skip)
+  wanted = without_skipped(wanted, skip)
+  logging.info('Loading %s from %s%s', sorted(wanted), source,
+               f' (not {skip}: freshly initialized)' if skip else '')
   restored = manager.restore(step, args=ocp.args.Composite(**{ITEM: ocp.args.PyTreeRestore(
       wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
       partial_restore=True)}))

@@ -110,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ''                    # weights to start from (a workdir, a checkpoints dir or a
                                       # step dir, e.g. scripts/convert_checkpoint.py --out); resume
                                       # from the workdir itself needs no flag
+  c.init_skip = ''                    # comma-separated param paths NOT taken from init_from
+                                      # (e.g. 'head': fine-tuning to other classes); they keep
+                                      # their fresh initialization
   c.init_inflate_replicates = 0       # > 0: init_from holds IMAGE weights, inflated into this
                                       # video model with that many token replicas (SPEC §7)
   c.eval_only = False                 # evaluate the workdir's latest checkpoint (else init_from)
@@ -194,6 +197,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.init_inflate_replicates and not config.init_from:
     raise ConfigError('config.init_inflate_replicates inflates the image weights of '
                       'config.init_from, which is empty: set it, or set the replicas to 0.')
+  if config.init_skip and not config.init_from:
+    raise ConfigError('config.init_skip names params not to take from config.init_from, which is '
+                      'empty: set init_from, or clear init_skip.')
+  if config.init_skip and config.eval_only:
+    raise ConfigError('config.init_skip leaves params freshly initialized, which an eval-only run '
+                      'would evaluate: clear init_skip, or set eval_only=False to fine-tune.')
   if config.eval_every_steps < -1:
     raise ConfigError('config.eval_every_steps must be -1 (every epoch), 0 (only at the end) '
                       f'or a step count, got {config.eval_every_steps}.')

@@ -19,6 +19,7 @@ import optax
 from absl import logging
 from clu import periodic_actions
 from etils import epath
+from flax import traverse_util
 
 from sparseformer_jax import checkpointing
 from sparseformer_jax import config_validation
@@ -251,6 +252,7 @@ def load_init_weights(config, abstract, shardings, mesh) -> dict:
   """config.init_from's {'params'} (and, for eval-only, 'ema_params' if saved), on the mesh.
 
   With init_inflate_replicates > 0 they are image weights, inflated into this video model.
+  Params under config.init_skip are left out (the caller keeps their fresh initialization).
   """
   if config.init_inflate_replicates:
     logging.info('Inflating the image params of %s into %d token replicas.', config.init_from,
@@ -258,11 +260,14 @@ def load_init_weights(config, abstract, shardings, mesh) -> dict:
     image_params = checkpointing.load_saved_params(config.init_from, sharding.replicated(mesh))
     params = inflate.inflate_from_image({'params': image_params},
                                         config.init_inflate_replicates)['params']
-    checkpointing.check_structure(abstract['params'], params, f'{config.init_from} (inflated)')
-    return {'params': jax.device_put(params, shardings['params'])}
+    checkpointing.check_structure({'params': abstract['params']}, {'params': params},
+                                  f'{config.init_from} (inflated)', skip=config.init_skip)
+    return checkpointing.without_skipped(
+        {'params': jax.device_put(params, shardings['params'])}, config.init_skip)
   # Training starts its EMA from the loaded params; eval-only evaluates a saved EMA too.
   wanted = ('params', 'ema_params') if config.eval_only else ('params',)
-  return checkpointing.load_entries(config.init_from, {k: abstract[k] for k in wanted})
+  return checkpointing.load_entries(config.init_from, {k: abstract[k] for k in wanted},
+                                    skip=config.init_skip)
 
 
 def _initial_state(config, workdir, checkpoints, init_state, abstract, shardings, mesh):
@@ -277,9 +282,11 @@ def _initial_state(config, workdir, checkpoints, init_state, abstract, shardings
   state = jax.jit(init_state, out_shardings=shardings)()
   if config.init_from:
     weights = load_init_weights(config, abstract, shardings, mesh)
-    state['params'] = weights['params']
+    params = traverse_util.flatten_dict(state['params'])
+    params.update(traverse_util.flatten_dict(weights['params']))  # all but init_skip's
+    state['params'] = traverse_util.unflatten_dict(params)
     state['ema_params'] = (weights['ema_params'] if 'ema_params' in weights
-                           else jax.tree.map(jnp.copy, weights['params']))
+                           else jax.tree.map(jnp.copy, state['params']))
   return state
 
 

@@ -1,19 +1,28 @@
 """Checkpoints: only complete ones count, another model's is refused, PyTorch weights load."""
 import importlib.util
 import shutil
+import subprocess
+
+import flax
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, by_step, read_metrics, restore_numpy, run_main, smoke_config
+from conftest import (REPO, by_step, main_command, read_metrics, restore_numpy, run_main,
+                      smoke_config)
 from sparseformer_jax import checkpointing, load_torch_checkpoint, optim, sharding, train
 
 FIXTURE = REPO / 'tests' / 'fixtures' / 'sf_v1_tiny_library_format.pth'
 # The fixture's model (tests/fixtures/sf_v1_tiny_config.json) as create_model overrides.
 FIXTURE_MODEL = dict(conv_dim=32, num_tokens=16, num_points=36, focusing_width=64,
                      cortex_width=128, cortex_depth=3, num_classes=10)
+# The bootstrapped fixture: a tiny CLIP-flavoured model with an 8-wide projection head.
+BTSP_FIXTURE = REPO / 'tests' / 'fixtures' / 'sf_btsp_tiny_library_format.pth'
+BTSP_NAME = 'sparseformer_btsp_openai_clip_base'
+BTSP_MODEL = dict(conv_dim=32, num_tokens=15, num_points=16, focusing_width=64, cortex_width=128,
+                  cortex_depth=3, num_classes=8, generator_hidden=32)
 
 
 def _state(value: float):
@@ -54,12 +63,13 @@ def test_restoring_into_another_structure_lists_every_difference(tmp_path):
   assert 'shape differs (1):\n    params/w: checkpoint (4, 3) vs model (4, 5)' in message
 
 
-def _convert(out):
+def _convert(out, torch_file=FIXTURE, name='sparseformer_v1_tiny', model=None):
+  """scripts/convert_checkpoint.py's convert(): the model fields the config must set."""
   spec = importlib.util.spec_from_file_location('convert_checkpoint',
                                                 REPO / 'scripts' / 'convert_checkpoint.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.convert(str(FIXTURE), 'sparseformer_v1_tiny', str(out), FIXTURE_MODEL)
+  return module.convert(str(torch_file), name, str(out), model or FIXTURE_MODEL)
 
 
 def test_converted_pytorch_checkpoint_loads_exactly_and_evaluates(main_env, tmp_path):
@@ -120,3 +130,35 @@ def test_image_weights_inflate_into_the_video_model(smoke_run):
     np.testing.assert_array_equal(video_roi[replica * 9:(replica + 1) * 9][:, [0, 1, 3, 4]],
                                   image['initial_roi'])
   np.testing.assert_array_equal(weights['params']['head']['kernel'], image['head']['kernel'])
+
+
+def test_a_bootstrapped_clip_model_fine_tunes_through_main_with_a_new_head(main_env, tmp_path):
+  converted = tmp_path / 'converted'
+  assert _convert(converted, BTSP_FIXTURE, BTSP_NAME, BTSP_MODEL) == {}
+  args = [f'--config.model.name={BTSP_NAME}', f'--config.init_from={converted}',
+          # The smoke config's own model overrides, back to the variant's values.
+          '--config.model.overrides.focusing_repeats=4', '--config.model.overrides.num_heads=0',
+          *(f'--config.model.overrides.{k}={v}' for k, v in BTSP_MODEL.items()
+            if k != 'num_classes'),
+          '--config.num_train_steps=2', '--config.log_every_steps=1']
+  # Its 8-wide CLIP projection does not fit the dataset's 10 classes: refused, the fix named.
+  refused = subprocess.run(main_command(tmp_path / 'refused', *args), env=main_env, cwd=REPO,
+                           capture_output=True, text=True, timeout=300, check=False)
+  assert refused.returncode != 0
+  assert 'params/head/kernel: checkpoint (128, 8) vs model (128, 10)' in refused.stderr
+  assert 'config.init_skip=head' in refused.stderr
+
+  run_main(main_env, tmp_path / 'run', *args, '--config.init_skip=head')
+  records = read_metrics(tmp_path / 'run')
+  assert sorted(by_step(records, 'train/loss')) == [1, 2]
+  assert by_step(records, 'val/num_examples') == {2: 128}
+  trained = restore_numpy(tmp_path / 'run', 2)['params']
+  start = load_torch_checkpoint(str(BTSP_FIXTURE), BTSP_NAME, **BTSP_MODEL)['params']
+  assert trained['head']['kernel'].shape == (128, 10)  # a new head, no bias (CLIP projection)
+  del start['head'], trained['head']
+  # Two warm-up steps move a param by at most ~1e-3: every other weight came from PyTorch.
+  flat_start, flat_trained = (flax.traverse_util.flatten_dict(t, sep='/')
+                              for t in (start, trained))
+  assert flat_start.keys() == flat_trained.keys()
+  for name, value in flat_start.items():
+    np.testing.assert_allclose(flat_trained[name], value, atol=5e-3, err_msg=name)

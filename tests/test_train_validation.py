@@ -82,6 +82,19 @@ def test_eval_only_without_weights_is_reported(tmp_path, no_compiles):
   assert no_compiles() == 0
 
 
+@pytest.mark.parametrize('fields, message', [
+    (dict(init_skip='head'), 'init_skip names params not to take from config.init_from, which is '
+                             'empty'),
+    (dict(init_skip='head', init_from='/w', eval_only=True), 'init_skip leaves params freshly '
+                                                             'initialized'),
+])
+def test_init_skip_without_fine_tuning_is_reported(fields, message):
+  config = smoke_config()
+  config.update(fields)
+  with pytest.raises(ConfigError, match=message):
+    config_validation.validate_config(config)
+
+
 @pytest.mark.parametrize('name', ['default', 'sparseformer_t', 'sparseformer_s', 'sparseformer_b'])
 @pytest.mark.parametrize('arg', ['', 'smoke'])
 def test_every_config_and_its_smoke_variant_is_valid(name, arg):

@@ -46,7 +46,7 @@ class SparseFormerConfig:
   cortex_leading_ops: Tuple[str, ...] = V1_LEADING_OPS
   cortex_ops: Tuple[str, ...] = PLAIN_OPS
   mlp_ratio: int = 4
-  num_heads: Optional[int] = 64    # v1 uses 64 heads whatever the width; None: width // 64
+  num_heads: Optional[int] = 64    # v1 uses 64 heads whatever the width; None or 0: width // 64
   drop_path_rate: float = 0.2
   head: str = "avg"                # "avg": mean over tokens; "cls": the CLS token
   cls_insert_unit: int = -1        # unit index (0 = focusing) before which a CLS token is prepended
