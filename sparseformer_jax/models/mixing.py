@@ -3,7 +3,31 @@ matrices generated from its embedding (SPEC §3.3)."""
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sparseformer_jax.models.layers import dense, gelu, layer_norm, xavier_uniform_blocks
+from sparseformer_jax.models.layers import (dense, gelu, layer_norm, trunc_normal,
+                                            xavier_uniform_blocks)
+
+
+class SplitDense(nn.Module):
+  """A Dense layer (params 'kernel', 'bias') whose outputs come as separate blocks of
+  `features`: each block is its own matmul with a slice of the kernel, so that no large output
+  is written once and then copied into its parts."""
+  features: tuple
+  dtype: str = "float32"
+  kernel_init: nn.initializers.Initializer = trunc_normal(0.02)
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], sum(self.features)))
+    bias = self.param("bias", self.bias_init, (sum(self.features),))
+    flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+    outputs, start = [], 0
+    for size in self.features:
+      block = slice(start, start + size)
+      out = flat @ kernel[:, block].astype(self.dtype) + bias[block].astype(self.dtype)
+      outputs.append(out.reshape(*x.shape[:-1], size))
+      start += size
+    return outputs
 
 
 class AdaptiveMixing(nn.Module):
@@ -26,17 +50,18 @@ class AdaptiveMixing(nn.Module):
     c2, pp = channels * channels, self.out_points * points
     theta = layer_norm(self.ln_eps, self.dtype, "norm", width=width)(x)
     theta = dense(self.hidden, self.dtype, "fc1")(theta)
-    theta = dense(c2 + pp, self.dtype, "fc2", kernel_init=nn.initializers.zeros,
-                  bias_init=xavier_uniform_blocks([(channels, channels), (points, self.out_points)])
-                  )(theta)                                               # (B, N, C*C + Po*P)
-    channel_mix = theta[..., :c2].reshape(batch, tokens, channels, channels)
-    point_mix = theta[..., c2:].reshape(batch, tokens, self.out_points, points)
-    sampled = sampled.astype(theta.dtype)
+    channel_mix, point_mix = SplitDense(
+        (c2, pp), self.dtype, kernel_init=nn.initializers.zeros,
+        bias_init=xavier_uniform_blocks([(channels, channels), (points, self.out_points)]),
+        name="fc2")(theta.reshape(batch * tokens, -1))
+    channel_mix = channel_mix.reshape(-1, channels, channels)            # (B*N, C, C)
+    point_mix = point_mix.reshape(-1, self.out_points, points)           # (B*N, Po, P)
+    sampled = sampled.reshape(-1, points, channels).astype(channel_mix.dtype)
 
-    h = jnp.einsum("bnpc,bncd->bnpd", sampled, channel_mix)               # (B, N, P, C)
+    h = jnp.einsum("kpc,kcd->kpd", sampled, channel_mix)                 # (B*N, P, C)
     if self.use_bias:
       h = gelu(h + self.param("m_beta", nn.initializers.zeros, (channels,)).astype(h.dtype))
-    h = jnp.einsum("bnqp,bnpc->bnqc", point_mix, h)                       # (B, N, Po, C)
+    h = jnp.einsum("kqp,kpc->kqc", point_mix, h)                         # (B*N, Po, C)
     if self.use_bias:
       h = h + self.param("s_beta", nn.initializers.zeros, (self.out_points,))[:, None].astype(h.dtype)
     h = gelu(h)
