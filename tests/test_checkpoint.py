@@ -1,4 +1,5 @@
 """Checkpoints: only complete ones count, another model's is refused, PyTorch weights load."""
+import functools
 import importlib.util
 import shutil
 import subprocess
@@ -63,13 +64,19 @@ def test_restoring_into_another_structure_lists_every_difference(tmp_path):
   assert 'shape differs (1):\n    params/w: checkpoint (4, 3) vs model (4, 5)' in message
 
 
-def _convert(out, torch_file=FIXTURE, name='sparseformer_v1_tiny', model=None):
-  """scripts/convert_checkpoint.py's convert(): the model fields the config must set."""
+@functools.lru_cache(maxsize=None)
+def _converter():
+  """scripts/convert_checkpoint.py as a module, loaded once (it defines absl flags)."""
   spec = importlib.util.spec_from_file_location('convert_checkpoint',
                                                 REPO / 'scripts' / 'convert_checkpoint.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.convert(str(torch_file), name, str(out), model or FIXTURE_MODEL)
+  return module
+
+
+def _convert(out, torch_file=FIXTURE, name='sparseformer_v1_tiny', model=None):
+  """scripts/convert_checkpoint.py's convert(): the model fields the config must set."""
+  return _converter().convert(str(torch_file), name, str(out), model or FIXTURE_MODEL)
 
 
 def test_converted_pytorch_checkpoint_loads_exactly_and_evaluates(main_env, tmp_path):
