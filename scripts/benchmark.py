@@ -28,7 +28,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
-from sparseformer_jax import create_model
+from sparseformer_jax import create_model, host_memory
 from sparseformer_jax.models.config import parse_overrides
 from sparseformer_jax.models.vit import VIT_VARIANTS, create_vit
 
@@ -219,6 +219,7 @@ def parse_args(argv):
 def main(argv=None) -> dict:
   """Runs the benchmark (or the sweep), prints a table, then one JSON line; returns that dict."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  malloc_tuned = host_memory.tune_malloc_for_xla_cpu()   # as main.py does
   common = dict(mode=args.mode, batch_size=args.batch_size, dtype=args.dtype, reps=args.reps,
                 steps=args.steps, warmup=args.warmup)
   if not args.sweep:
@@ -239,6 +240,7 @@ def main(argv=None) -> dict:
       plot_sweep(rows, args.plot)
       print(f"plot: {args.plot}", flush=True)
     result = {**rows[0], "sweep": rows, "plot": args.plot or None}
+  result["malloc_tuned"] = malloc_tuned
   print(json.dumps(result), flush=True)
   return result
 
