@@ -10,7 +10,8 @@ calls, and the median repetition gives img/s. FLOPs are XLA's count for the comp
 (2 per multiply-add) divided by the batch. Peak memory is the device's own figure where the
 backend reports one (GPU/TPU), else null; `xla_memory_bytes` is the compiled program's
 arguments + outputs + temporaries. On a shared machine, `step_cpu_seconds` (the process's CPU
-time per step, all threads) varies less than wall time.
+time per step, all threads) varies less than wall time. On the CPU, malloc is tuned first as
+main.py does (sparseformer_jax/host_memory.py; "malloc_tuned" in the JSON).
 
 The last line printed is one JSON object: the figures, and for a sweep the same for every
 (model, resolution) under "sweep", the top level repeating the first row.
@@ -114,7 +115,7 @@ def _call(fn, args, mode):
 
 
 def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str = "float32",
-            reps: int = 5, steps: int = 1, warmup: int = 1, overrides=None, seed: int = 0) -> dict:
+            reps: int = 5, steps: int = 1, warmup: int = 3, overrides=None, seed: int = 0) -> dict:
   """Compiles and times one configuration; returns the figures as a dict (img/s None if reps=0)."""
   model = build_model(model_name, dtype, overrides or {})
   key = jax.random.key(seed)
@@ -202,7 +203,8 @@ def parse_args(argv):
                       help="compute dtype (params stay float32)")
   parser.add_argument("--reps", type=int, default=5, help="timed repetitions (0: compile only)")
   parser.add_argument("--steps", type=int, default=1, help="calls per repetition")
-  parser.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
+  parser.add_argument("--warmup", type=int, default=3,
+                      help="untimed calls after compiling (the heap reaches its size in a few)")
   parser.add_argument("--override", action="append", default=[],
                       help="model config field=value (repeatable), e.g. --override num_tokens=16")
   parser.add_argument("--sweep", default="",

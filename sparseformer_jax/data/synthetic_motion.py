@@ -27,8 +27,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sparseformer_jax.data import shapes
+from sparseformer_jax.data.local_builder import LocallyGeneratedBuilder
 
-_SPLIT_IDS = {'train': 0, 'validation': 1}
 _FRAME_NOISE_STD = 4.0  # per-frame pixel noise on top of the static background
 
 
@@ -84,14 +84,11 @@ class _Mover:
     return self.start + frame * self.velocity
 
 
-class SyntheticMotion(tfds.core.GeneratorBasedBuilder):
+class SyntheticMotion(LocallyGeneratedBuilder):
   """Tell in which direction the one colored object moves."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  # Tells the input pipeline that download_and_prepare() only generates data
-  # locally, so it may run it automatically on first use.
-  GENERATED_LOCALLY = True
   BUILDER_CONFIGS = [
       SyntheticMotionConfig(
           name='default',
@@ -122,20 +119,11 @@ class SyntheticMotion(tfds.core.GeneratorBasedBuilder):
         supervised_keys=('video', 'label'),
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download
+  def _example(self, rng, index):
     config = self.builder_config
-    return {
-        'train': self._generate_examples('train', config.num_train),
-        'validation': self._generate_examples('validation', config.num_validation),
-    }
+    label = index % config.num_directions  # exactly balanced classes
+    return {'video': render_clip(config, rng, label), 'label': label}
 
-  def _generate_examples(self, split, num_examples):
-    config = self.builder_config
-    for index in range(num_examples):
-      rng = np.random.default_rng((config.seed, _SPLIT_IDS[split], index))
-      label = index % config.num_directions  # exactly balanced classes
-      yield index, {'video': render_clip(config, rng, label), 'label': label}
 
 
 def direction_names(num_directions):
