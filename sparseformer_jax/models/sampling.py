@@ -2,6 +2,10 @@
 
 Matches PyTorch `grid_sample(align_corners=False)` with zeros or border padding: a point at
 normalized coordinate u in [0, 1] along an axis of size S sits at pixel u * S - 0.5.
+
+Measured on CPU (SF-T, batch 32, 1764 points per image): the flat-map gather beats a packed
+(H+1)(W+1) x 4C neighbour table (its build costs more than its faster gathers save, and its
+backward is 1.7x slower) and a tent-matrix einsum (20x slower forward, 45x with the backward).
 """
 import functools
 import itertools
