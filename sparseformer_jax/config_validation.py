@@ -13,7 +13,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from sparseformer_jax import SparseFormerConfig
+from sparseformer_jax import NORMALIZATION, SparseFormerConfig
 
 
 class ConfigError(ValueError):
@@ -206,6 +206,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.eval_every_steps < -1:
     raise ConfigError('config.eval_every_steps must be -1 (every epoch), 0 (only at the end) '
                       f'or a step count, got {config.eval_every_steps}.')
+
+
+def normalization_mismatch(config: ml_collections.ConfigDict):
+  """A warning when weights from init_from were trained with another input normalization than
+  config.input's (e.g. a CLIP-bootstrapped model fed ImageNet-normalized pixels), else None."""
+  expected = NORMALIZATION.get(config.model.name)
+  if not config.init_from or expected is None:
+    return None
+  given = (tuple(config.input.mean), tuple(config.input.std))
+  if all(abs(a - b) < 1e-6 for got, want in zip(given, expected) for a, b in zip(got, want)):
+    return None
+  mean, std = (','.join(str(v) for v in values) for values in expected)
+  return (f'{config.model.name} was trained on inputs normalized with mean {expected[0]} and std '
+          f'{expected[1]}, but config.input has mean {given[0]} and std {given[1]}; fine-tuning '
+          f"from its weights usually wants --config.input.mean='({mean})' "
+          f"--config.input.std='({std})'.")
 
 
 def check_against_devices(config, *, device_count: int) -> None:

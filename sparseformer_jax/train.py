@@ -297,6 +297,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   config_validation.validate_config(config)
   config_validation.check_against_devices(config, device_count=jax.device_count())
+  mismatch = config_validation.normalization_mismatch(config)
+  if mismatch:
+    logging.warning(mismatch)
   _prepare_workdir(config, workdir)
   info = _dataset_info(config)
   model = _build_model(config, info['num_classes'])

@@ -104,3 +104,20 @@ def test_every_config_and_its_smoke_variant_is_valid(name, arg):
   train._build_model(config, num_classes=10)  # pylint: disable=protected-access
   if arg == 'smoke':
     assert config.dataset == 'synthetic_objects/smoke' and config.num_train_steps <= 20
+
+
+def test_fine_tuning_with_another_normalization_is_pointed_out():
+  """A bootstrapped CLIP model fine-tuned on ImageNet-normalized inputs gets a warning with the
+  flags that fix it; matching inputs, or no init_from, get none."""
+  config = config_validation.base_config()
+  config.model.name = 'sparseformer_btsp_openai_clip_base'
+  assert config_validation.normalization_mismatch(config) is None     # trained from scratch
+  config.init_from = '/converted/btsp_clip_base'
+  message = config_validation.normalization_mismatch(config)
+  assert "--config.input.mean='(0.48145466,0.4578275,0.40821073)'" in message
+  assert "--config.input.std='(0.26862954,0.26130258,0.27577711)'" in message
+  config.input.mean = (0.48145466, 0.4578275, 0.40821073)
+  config.input.std = (0.26862954, 0.26130258, 0.27577711)
+  assert config_validation.normalization_mismatch(config) is None
+  config.model.name = 'sparseformer_v1_tiny'                          # ImageNet-normalized
+  assert 'sparseformer_v1_tiny was trained' in config_validation.normalization_mismatch(config)
