@@ -29,6 +29,7 @@ from sparseformer_jax import optim
 from sparseformer_jax import preemption
 from sparseformer_jax import sharding
 from sparseformer_jax import token_intermediates
+from sparseformer_jax.sub_batches import apply_in_sub_batches
 from sparseformer_jax import visualize
 from sparseformer_jax.data import input_pipeline
 from sparseformer_jax.models import inflate
@@ -113,7 +114,9 @@ def make_train_step(model, tx, schedule, config, mesh):
   ema_decay = config.optimizer.ema_decay
 
   def loss_fn(params, images, targets, key):
-    logits = model.apply({'params': params}, images, train=True, rngs={'dropout': key})
+    logits = apply_in_sub_batches(
+        lambda x, k: model.apply({'params': params}, x, train=True, rngs={'dropout': k}),
+        images, config.sub_batches, key)
     return metrics_lib.soft_target_cross_entropy(logits, targets)
 
   def loss_and_grads(params, batch, key):
@@ -161,16 +164,17 @@ def make_train_step(model, tx, schedule, config, mesh):
   return train_step
 
 
-def make_eval_step(model, num_classes: int):
+def make_eval_step(model, num_classes: int, sub_batches: int):
   """(params, ema_params, batch) -> summed correct top-1/top-5 counts of both, and the count."""
   top_k = min(5, num_classes)
 
   def logits_of(params, images):
+    apply = lambda x: apply_in_sub_batches(
+        lambda sub, _: model.apply({'params': params}, sub, train=False), x, sub_batches)
     if images.ndim == 6:  # Video eval views (B, V, T, H, W, 3): average each video's V logits.
-      views = images.reshape((-1,) + images.shape[2:])
-      logits = model.apply({'params': params}, views, train=False)
+      logits = apply(images.reshape((-1,) + images.shape[2:]))
       return logits.reshape(images.shape[:2] + logits.shape[-1:]).mean(axis=1)
-    return model.apply({'params': params}, images, train=False)
+    return apply(images)
 
   def eval_step(params, ema_params, batch):
     mask = batch['mask']
@@ -322,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     state = _initial_state(config, workdir, checkpoints, init_state, abstract, shardings, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    eval_step = jax.jit(make_eval_step(model, info['num_classes']),
+    eval_step = jax.jit(make_eval_step(model, info['num_classes'], config.sub_batches),
                         in_shardings=(shardings['params'], shardings['ema_params'],
                                       batch_sharding),
                         out_shardings=sharding.replicated(mesh))

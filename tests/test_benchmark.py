@@ -67,3 +67,20 @@ def test_resolution_argument():
   assert benchmark.parse_resolution("224x320") == (224, 320)
   with pytest.raises(argparse.ArgumentTypeError):
     benchmark.parse_resolution("0x3")
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_sub_batches_reach_the_step_and_keep_the_flops(capsys, monkeypatch, mode):
+  seen = []
+  real = benchmark.apply_in_sub_batches
+
+  def spy(apply_fn, inputs, num, key=None):
+    seen.append((inputs.shape[0], num))
+    return real(apply_fn, inputs, num, key)
+  monkeypatch.setattr(benchmark, "apply_in_sub_batches", spy)
+  common = ["--mode", mode, "--batch-size", "4", "--resolution", "32", "--reps", "1",
+            *overrides("--override", TINY_SF)]
+  whole, split = run(capsys, *common), run(capsys, *common, "--sub-batches", "2")
+  assert seen == [(4, 1), (4, 2)]   # the traced step ran the batch whole, then as 2 halves
+  assert split["sub_batches"] == 2 and whole["sub_batches"] == 1
+  assert split["gflops_per_image"] == pytest.approx(whole["gflops_per_image"], rel=0.02)

@@ -9,14 +9,16 @@ from conftest import (assert_same_run, by_step, checkpoint_metadata, main_comman
                       run_main, run_python, xla_flags)
 
 
-def test_8_devices_with_fsdp_continue_a_1_device_run_with_the_same_losses(smoke_run, main_env,
-                                                                          tmp_path):
+def test_8_devices_with_fsdp_and_sub_batches_continue_a_1_device_run_with_the_same_losses(
+    smoke_run, main_env, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(smoke_run, workdir)
   for step in ('8', '12'):  # Resume the 1-device run from its step-4 checkpoint.
     shutil.rmtree(workdir / 'checkpoints' / step)
   # 4-way data parallel x 2-way fsdp: the largest params and their Adam moments are split.
-  result = run_main(main_env, workdir, '--config.mesh.fsdp=2', devices=8)
+  # Every device's 4 train (8 eval) images run as 2 sub-batches: the results do not change.
+  result = run_main(main_env, workdir, '--config.mesh.fsdp=2', '--config.sub_batches=2',
+                    devices=8)
   assert "Mesh('data': 4, 'fsdp': 2" in result.stderr
   assert 'Training steps 5..12' in result.stderr
   specs = [str(m.sharding.partition_spec) for m in jax.tree.leaves(

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import by_step, read_metrics, restore_numpy, run_main, run_python, smoke_config
 from sparseformer_jax import create_model, optim, sharding, train
+from sparseformer_jax.sub_batches import apply_in_sub_batches
 
 # create_model overrides of a model that compiles fast and still has every part.
 MICRO_MODEL = dict(conv_dim=8, num_tokens=4, num_points=4, focusing_width=16, focusing_repeats=1,
@@ -101,6 +102,41 @@ def test_gradient_accumulation_matches_one_big_batch(micro, first_step):
   np.testing.assert_allclose(m_accum['train/grad_norm'], m_whole['train/grad_norm'], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(accum['params']), jax.tree.leaves(whole['params'])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sub_batches_match_one_whole_batch_in_the_train_and_eval_steps(micro, first_step):
+  whole, m_whole = first_step[1]
+  for accum, sub in ((1, 4), (2, 2)):
+    config = micro['config'].copy_and_resolve_references()
+    config.optimizer.accum_steps, config.sub_batches = accum, sub
+    split, m_split = _step_fn(micro, config)(micro['state'], micro['batch'])
+    np.testing.assert_allclose(m_split['train/loss'], m_whole['train/loss'], rtol=1e-5)
+    np.testing.assert_allclose(m_split['train/grad_norm'], m_whole['train/grad_norm'], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(split['params']), jax.tree.leaves(whole['params'])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # Labelled with the whole batch's own predictions, every image is right only in batch order.
+  leaves, tree = jax.tree.flatten(micro['state']['params'])
+  keys = jax.random.split(jax.random.key(5), len(leaves))   # random params: varied predictions
+  params = tree.unflatten([p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  images = micro['batch']['image']
+  labels = micro['model'].apply({'params': params}, images).argmax(-1)
+  assert len(set(labels.tolist())) > 1
+  batch = {'image': images, 'label': labels, 'mask': jnp.ones(16, bool)}
+  counts = jax.jit(train.make_eval_step(micro['model'], 10, 4))(params, params, batch)
+  assert float(counts['val/top1']) == float(counts['ema_val/top1']) == 16
+
+
+def test_sub_batches_keep_the_batch_order_and_fold_the_key_per_sub_batch():
+  rows = jnp.arange(12.0)[:, None]
+  key = jax.random.key(3)
+  noisy = lambda x, k: x + jax.random.uniform(k, x.shape)   # noise in [0, 1): row stays in floor
+  out = apply_in_sub_batches(noisy, rows, 4, key)
+  np.testing.assert_array_equal(jnp.floor(out), rows)
+  # Sub-batch j holds rows j, j + 4, j + 8 and draws from fold_in(key, j).
+  np.testing.assert_array_equal(out[1::4], noisy(rows[1::4], jax.random.fold_in(key, 1)))
+  np.testing.assert_array_equal(apply_in_sub_batches(noisy, rows, 1, key), noisy(rows, key))
+  with pytest.raises(ValueError, match='A batch of 12 does not split into 5 sub-batches'):
+    apply_in_sub_batches(noisy, rows, 5, key)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_loss(micro, first_step):

@@ -62,6 +62,15 @@ def test_device_count_checks_suggest_a_size_that_works():
   with pytest.raises(ConfigError, match='config.eval_batch_size=60 is not divisible by the 8 '
                                         'devices'):
     config_validation.check_against_devices(config, device_count=8)
+  config.optimizer.accum_steps, config.sub_batches = 2, 4
+  with pytest.raises(ConfigError, match='config.global_batch_size=32 is not divisible by the 8 '
+                                        'devices x 2 micro-batches x 4 sub-batches: set '
+                                        '--config.global_batch_size to a multiple of 64, e.g. 64'):
+    config_validation.check_against_devices(config, device_count=8)
+  config.global_batch_size, config.eval_batch_size = 64, 48
+  with pytest.raises(ConfigError, match='config.eval_batch_size=48 is not divisible by the 8 '
+                                        'devices x 4 sub-batches: .* e.g. 64'):
+    config_validation.check_against_devices(config, device_count=8)
   config.eval_batch_size, config.mesh.fsdp = 64, 3
   with pytest.raises(ConfigError, match='config.mesh.fsdp=3 must divide the 8 devices'):
     config_validation.check_against_devices(config, device_count=8)
