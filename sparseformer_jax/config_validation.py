@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 1024            # over all devices and hosts
   c.sub_batches = 1                   # each device's (micro-)batch runs as this many interleaved
                                       # sub-batches in one program, same results: XLA:CPU
-                                      # overlaps them (~+15% on 2 cores); 1 on GPU/TPU
+                                      # overlaps them (~+10% on 2 cores); 1 on GPU/TPU
   c.num_epochs = 300.0                # training length, unless num_train_steps > 0
   c.num_train_steps = -1              # > 0: overrides num_epochs
   c.warmup_epochs = 20.0              # linear warm-up length (converted to steps)
