@@ -5,6 +5,7 @@
   python scripts/benchmark.py --model sparseformer_v1_tiny --mode train --sub-batches 4   # CPU
   python scripts/benchmark.py --model sparseformer_v1_tiny --sweep 224,448,896 \
       --baseline vit_s16 --batch-size 8 --plot sweep.png
+  taskset -c 0 python scripts/benchmark.py --mode train --profile /tmp/prof   # CPU work by layer
 
 Compilation and `--warmup` calls are excluded; each of `--reps` repetitions times `--steps`
 calls, and the median repetition gives img/s. FLOPs are XLA's count for the compiled program
@@ -13,6 +14,9 @@ backend reports one (GPU/TPU), else null; `xla_memory_bytes` is the compiled pro
 arguments + outputs + temporaries. On a shared machine, `step_cpu_seconds` (the process's CPU
 time per step, all threads) varies less than wall time. On the CPU, malloc is tuned first as
 main.py does (sparseformer_jax/host_memory.py; "malloc_tuned" in the JSON).
+
+`--profile DIR` runs one more step under jax.profiler (a trace for TensorBoard or Perfetto in DIR)
+and prints its XLA op time by model layer, forward and backward (sparseformer_jax/profiling.py).
 
 The last line printed is one JSON object: the figures, and for a sweep the same for every
 (model, resolution) under "sweep", the top level repeating the first row.
@@ -30,7 +34,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
-from sparseformer_jax import create_model, host_memory
+from sparseformer_jax import create_model, host_memory, profiling
 from sparseformer_jax.models.config import parse_overrides
 from sparseformer_jax.models.vit import VIT_VARIANTS, create_vit
 from sparseformer_jax.sub_batches import apply_in_sub_batches
@@ -121,8 +125,9 @@ def _call(fn, args, mode):
 
 def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str = "float32",
             reps: int = 5, steps: int = 1, warmup: int = 3, overrides=None, seed: int = 0,
-            sub_batches: int = 1) -> dict:
-  """Compiles and times one configuration; returns the figures as a dict (img/s None if reps=0)."""
+            sub_batches: int = 1, profile_dir: str = "", profile_depth: int = 3) -> dict:
+  """Compiles and times one configuration; returns the figures as a dict (img/s None if reps=0).
+  With `profile_dir`, one more step is profiled: "profile" lists [pass, layer, op seconds]."""
   model = build_model(model_name, dtype, overrides or {})
   key = jax.random.key(seed)
   images = jax.random.normal(key, (batch_size, *resolution, 3), jnp.float32)
@@ -139,6 +144,8 @@ def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str 
       args = _call(compiled, args, mode)
     wall.append((time.perf_counter() - start) / steps)
     cpu.append((time.process_time() - start_cpu) / steps)
+  layers = (profiling.profile_call(compiled, lambda: _call(compiled, args, mode), profile_dir,
+                                    profile_depth) if profile_dir else {})
   flops = _cost(compiled, "flops")
   return {
       "model": model_name, "mode": mode, "batch_size": batch_size, "sub_batches": sub_batches,
@@ -150,6 +157,7 @@ def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str 
       "xla_memory_bytes": _xla_memory_bytes(compiled),
       "step_seconds": wall,
       "step_cpu_seconds": cpu,
+      "profile": [[direction, layer, t] for (direction, layer), t in layers.items()] or None,
   }
 
 
@@ -224,7 +232,16 @@ def parse_args(argv):
   parser.add_argument("--baseline-override", action="append", default=[],
                       help="config field=value of the baseline (repeatable)")
   parser.add_argument("--plot", default="", help="sweep: save the plot to this PNG")
-  return parser.parse_args(argv)
+  parser.add_argument("--profile", default="",
+                      help="profile one more step into this folder and print op time by layer")
+  parser.add_argument("--profile-depth", type=int, default=3,
+                      help="layer path components the profile groups by, e.g. 3: "
+                           "SparseFormer/cortex/unit_1")
+  args = parser.parse_args(argv)
+  if args.profile and args.sweep:
+    parser.error("--profile profiles one configuration: drop --sweep, or profile each "
+                 "--resolution in its own run.")
+  return args
 
 
 def main(argv=None) -> dict:
@@ -235,8 +252,13 @@ def main(argv=None) -> dict:
                 steps=args.steps, warmup=args.warmup, sub_batches=args.sub_batches)
   if not args.sweep:
     result = measure(args.model, resolution=args.resolution,
-                     overrides=parse_overrides(args.override), **common)
+                     overrides=parse_overrides(args.override), profile_dir=args.profile,
+                     profile_depth=args.profile_depth, **common)
     print(TABLE_HEADER + "\n" + _format_row(result), flush=True)
+    if args.profile:
+      layers = {(direction, layer): t for direction, layer, t in result["profile"]}
+      print(f"\nprofile of one step (trace in {args.profile}):\n"
+            + profiling.format_table(layers), flush=True)
   else:
     models = [(args.model, parse_overrides(args.override))]
     if args.baseline:
