@@ -10,7 +10,9 @@ from sparseformer_jax.models.layers import (dense, gelu, layer_norm, trunc_norma
 class SplitDense(nn.Module):
   """A Dense layer (params 'kernel', 'bias') whose outputs come as separate blocks of
   `features`: each block is its own matmul with a slice of the kernel, so that no large output
-  is written once and then copied into its parts."""
+  is written once and then copied into its parts. The bias is added inside the matmul, as an
+  extra kernel row met by a column of ones in x: the outputs are the mixing matrices, big
+  enough that a separate bias pass over them cost 3% of SF-T's inference on XLA:CPU."""
   features: tuple
   dtype: str = "float32"
   kernel_init: nn.initializers.Initializer = trunc_normal(0.02)
@@ -21,10 +23,11 @@ class SplitDense(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], sum(self.features)))
     bias = self.param("bias", self.bias_init, (sum(self.features),))
     flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+    flat = jnp.concatenate([flat, jnp.ones((flat.shape[0], 1), flat.dtype)], axis=1)
+    kernel = jnp.concatenate([kernel, bias[None]], axis=0).astype(self.dtype)  # (in + 1, out)
     outputs, start = [], 0
     for size in self.features:
-      block = slice(start, start + size)
-      out = flat @ kernel[:, block].astype(self.dtype) + bias[block].astype(self.dtype)
+      out = flat @ kernel[:, start:start + size]
       outputs.append(out.reshape(*x.shape[:-1], size))
       start += size
     return outputs
