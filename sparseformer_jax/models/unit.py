@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from sparseformer_jax.models import roi as roi_lib
 from sparseformer_jax.models.config import SparseFormerConfig
 from sparseformer_jax.models.layers import (Attention, Mlp, dense, drop_path, gelu, layer_norm,
-                                            trunc_normal)
+                                            residual_add, trunc_normal)
 from sparseformer_jax.models.mixing import AdaptiveMixing
 from sparseformer_jax.models.sampling import clamp_gradient, sample_features
 
@@ -91,7 +91,7 @@ class SFUnit(nn.Module):
       stage = self.param("stage_embedding", nn.initializers.normal(1.0), (self.repeats, self.width))
 
     for i, rate in enumerate(self.drop_path_rates):
-      residual = lambda x, h: x + drop_path(self, h, rate, train)
+      residual = lambda x, h: residual_add(self, x, h, rate, train)
       if cfg.stage_embedding and self.repeats > 1:
         x = x + stage[i].astype(x.dtype)
       for op in self.ops:

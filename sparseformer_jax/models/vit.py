@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from sparseformer_jax.models.layers import Attention, Mlp, dense, drop_path, layer_norm, trunc_normal
+from sparseformer_jax.models.layers import Attention, Mlp, dense, layer_norm, residual_add, trunc_normal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +44,10 @@ class Block(nn.Module):
     cfg = self.config
     h = Attention(cfg.num_heads, cfg.dtype, name="attn")(layer_norm(cfg.ln_eps, cfg.dtype,
                                                                      "attn_norm")(x))
-    x = x + drop_path(self, h, self.drop_path_rate, train)
+    x = residual_add(self, x, h, self.drop_path_rate, train)
     h = Mlp(cfg.width * cfg.mlp_ratio, "gelu", cfg.dtype, name="mlp")(
         layer_norm(cfg.ln_eps, cfg.dtype, "mlp_norm")(x))
-    return x + drop_path(self, h, self.drop_path_rate, train)
+    return residual_add(self, x, h, self.drop_path_rate, train)
 
 
 class ViT(nn.Module):
