@@ -126,6 +126,29 @@ def test_materialize_gradient_is_an_identity_for_values_and_gradients():
   np.testing.assert_allclose(g[1:], [0.25, 1 / 6], rtol=1e-6)
 
 
+@pytest.mark.parametrize("overrides", [
+    {}, {"head": "cls", "cls_insert_unit": 2},
+    {"cortex_depth": 1, "cortex_leading_ops": ("sampling", "pe_inject")}])  # no 'mlp' last
+def test_head_read_out_before_the_last_fc2_equals_reading_the_final_tokens(overrides):
+  # Without intermediates, the last unit reads out the token mean / CLS token before its fc2;
+  # collecting intermediates computes every final token. Values and gradients must agree.
+  model = create_model("sparseformer_v1_tiny", **{**SMALL, "drop_path_rate": 0.5, **overrides})
+  images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  params = model.init(jax.random.key(0), images)["params"]
+
+  def loss(p, collect):
+    out = model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.key(2)},
+                      mutable=["intermediates"] if collect else False)
+    logits = out[0] if collect else out
+    return jnp.sum(jnp.sin(logits)), logits
+
+  (_, read_out), grads = jax.value_and_grad(loss, has_aux=True)(params, False)
+  (_, tokens), token_grads = jax.value_and_grad(loss, has_aux=True)(params, True)
+  np.testing.assert_allclose(read_out, tokens, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(token_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_rois(small_model):
   model, variables = small_model
   bf16 = model.clone(config=get_config("sparseformer_v1_tiny", **SMALL, dtype="bfloat16"))

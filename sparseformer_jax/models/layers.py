@@ -2,6 +2,7 @@
 initialization, exact GELU, QuickGELU, per-sample drop path, MLP and multi-head self-attention."""
 import functools
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -99,6 +100,11 @@ def drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.
   return x * (mask / keep).astype(x.dtype)
 
 
+def read_tokens(x: jax.Array, head: str) -> jax.Array:
+  """The head's read-out of tokens (B, N, C) -> (B, C): their mean ('avg') or token 0 ('cls')."""
+  return x.mean(axis=1) if head == "avg" else x[:, 0]
+
+
 class Mlp(nn.Module):
   """Linear -> activation -> Linear."""
   hidden: int
@@ -106,9 +112,13 @@ class Mlp(nn.Module):
   dtype: str = "float32"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, head: Optional[str] = None):
+    """(B, N, C) -> (B, N, C); with `head`, (B, C): `read_tokens` of the output, taken before fc2
+    (a per-token linear map, which the read-out commutes with), so that fc2 runs on B rows."""
     act = quick_gelu if self.activation == "quick_gelu" else gelu
     h = act(dense(self.hidden, self.dtype, "fc1")(x))
+    if head:
+      h = read_tokens(h, head)
     return dense(x.shape[-1], self.dtype, "fc2")(h)
 
 

@@ -12,26 +12,36 @@ import numpy as np
 
 from sparseformer_jax.models import roi as roi_lib
 from sparseformer_jax.models.config import SparseFormerConfig
-from sparseformer_jax.models.layers import dense, layer_norm, trunc_normal
+from sparseformer_jax.models.layers import dense, layer_norm, read_tokens, trunc_normal
 from sparseformer_jax.models.stem import KERNEL, Stem
 from sparseformer_jax.models.unit import SFUnit
 
 
 class Cortex(nn.Module):
-  """The cortex units in order; a CLS token (no RoI) is prepended before `cls_insert_unit`."""
+  """The cortex units in order; a CLS token (no RoI) is prepended before `cls_insert_unit`.
+
+  With `read_out`, returns the head's read-out (B, width) of the final tokens instead of the
+  tokens (B, N, width), computed more cheaply (see `SFUnit.head`).
+  """
   config: SparseFormerConfig
   drop_path_rates: Tuple[float, ...]
+  read_out: bool = False
 
   @nn.compact
   def __call__(self, features, x, rois, train: bool = False):
     cfg = self.config
-    for k, (width, ops, repeats) in enumerate(cfg.unit_specs()[1:]):
+    specs, unit_reads_out = cfg.unit_specs()[1:], False
+    for k, (width, ops, repeats) in enumerate(specs):
       if k + 1 == cfg.cls_insert_unit:
         cls = self.param("cls_embedding", nn.initializers.normal(1.0), (1, width))
         cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, width))
         x = jnp.concatenate([cls, x], axis=1)
+      unit_reads_out = self.read_out and k == len(specs) - 1 and ops[-1] == "mlp"
       x, rois = SFUnit(cfg, width, tuple(ops), repeats, (self.drop_path_rates[k],),
-                       name=f"unit_{k}")(features, x, rois, train)
+                       cfg.head if unit_reads_out else None, name=f"unit_{k}")(
+                           features, x, rois, train)
+    if self.read_out and not unit_reads_out:
+      x = read_tokens(x, cfg.head)
     return x, rois
 
 
@@ -82,9 +92,12 @@ class SparseFormer(nn.Module):
       x = dense(cfg.cortex_width, dtype, "transition")(x)
       if cfg.transition_norm:
         x = layer_norm(cfg.ln_eps, dtype, "transition_norm")(x)
-    x, rois = Cortex(cfg, rates[repeats:], name="cortex")(features, x, rois, train)
-
-    x = x.mean(axis=1) if cfg.head == "avg" else x[:, 0]
+    # The head reads the token mean or the CLS token: the last cortex unit computes just that,
+    # unless the final tokens themselves are being collected as intermediates.
+    read_out = not self.is_mutable_collection("intermediates")
+    x, rois = Cortex(cfg, rates[repeats:], read_out, name="cortex")(features, x, rois, train)
+    if not read_out:
+      x = read_tokens(x, cfg.head)                                          # (B, width)
     x = layer_norm(cfg.ln_eps, dtype, "head_norm")(x)
     logits = dense(cfg.num_classes, dtype, "head", use_bias=cfg.head_bias)(x)
     return logits.astype(jnp.float32)

@@ -4,7 +4,7 @@ Ops (SPEC §3, §6): 'attn' self-attention, 'roi_adjust' move/resize the RoIs, '
 points in the RoIs, sample the feature map and decode with adaptive mixing, 'mlp', and
 'pe_inject' add an encoding of the RoI. Every repeat has its own drop-path rate.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from sparseformer_jax.models import roi as roi_lib
 from sparseformer_jax.models.config import SparseFormerConfig
 from sparseformer_jax.models.layers import (Attention, Mlp, dense, drop_path, gelu, layer_norm,
-                                            residual_add, trunc_normal)
+                                            read_tokens, residual_add, trunc_normal)
 from sparseformer_jax.models.mixing import AdaptiveMixing
 from sparseformer_jax.models.sampling import clamp_gradient, sample_features
 
@@ -57,12 +57,18 @@ class PointGenerator(nn.Module):
 
 
 class SFUnit(nn.Module):
-  """Runs `ops` `repeats` times on (tokens (B, N, width), rois (B, N, 2D)) over a feature map."""
+  """Runs `ops` `repeats` times on (tokens (B, N, width), rois (B, N, 2D)) over a feature map.
+
+  With `head` ('avg' or 'cls', for a unit whose last op is 'mlp') it returns the head's read-out
+  (B, width) of the final tokens instead of the tokens: the read-out is linear over tokens, so it
+  is taken before the last fc2 and the residual add, which then run on B rows instead of B * N.
+  """
   config: SparseFormerConfig
   width: int
   ops: Tuple[str, ...]
   repeats: int
   drop_path_rates: Tuple[float, ...]
+  head: Optional[str] = None
 
   @nn.compact
   def __call__(self, features, x, rois, train: bool = False):
@@ -94,9 +100,12 @@ class SFUnit(nn.Module):
       residual = lambda x, h: residual_add(self, x, h, rate, train)
       if cfg.stage_embedding and self.repeats > 1:
         x = x + stage[i].astype(x.dtype)
-      for op in self.ops:
+      for j, op in enumerate(self.ops):
         if op == "attn":
           x = residual(x, attn(attn_norm(x)))
+        elif op == "mlp" and self.head and (i, j) == (len(self.drop_path_rates) - 1,
+                                                     len(self.ops) - 1):
+          x = residual(read_tokens(x, self.head), mlp(mlp_norm(x), self.head))   # (B, width)
         elif op == "mlp":
           x = residual(x, mlp(mlp_norm(x)))
         elif op == "roi_adjust":
