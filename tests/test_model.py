@@ -195,10 +195,12 @@ def test_every_variant_is_registered_with_normalization():
   assert NORMALIZATION["sparseformer_btsp_openai_clip_base"][0][0] == pytest.approx(0.48145466)
 
 
+@pytest.mark.parametrize("conv", ["strided_conv", "conv_with_patch_gradient"])
 @pytest.mark.parametrize("shape", [(2, 16, 16, 3), (2, 17, 23, 3), (1, 7, 9, 3)])
-def test_stem_conv_and_pool_equal_xla_conv_and_reduce_window(shape):
-  """The stem's 1-D-conv-over-rows and its phase-wise max-pool compute the plain 7x7/2 conv
-  and MaxPool2d(3, 2, 1), values and gradients, on even and odd sizes."""
+def test_stem_conv_and_pool_equal_xla_conv_and_reduce_window(shape, conv):
+  """The stem's 1-D-conv-over-rows (differentiated by XLA, or as a matmul over gathered patches)
+  and its phase-wise max-pool compute the plain 7x7/2 conv and MaxPool2d(3, 2, 1), values and
+  gradients, on even and odd sizes."""
   key_x, key_k, key_g = jax.random.split(jax.random.PRNGKey(0), 3)
   images = jax.random.normal(key_x, shape)
   kernel = jax.random.normal(key_k, (7, 7, 3, 8))
@@ -209,9 +211,11 @@ def test_stem_conv_and_pool_equal_xla_conv_and_reduce_window(shape):
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                  ((0, 0), (1, 1), (1, 1), (0, 0)))
 
-  ours = lambda images, kernel: stem.max_pool_3x3_s2(stem.strided_conv(images, kernel, 2))
+  ours = lambda images, kernel: stem.max_pool_3x3_s2(getattr(stem, conv)(images, kernel, 2))
   expected = reference(images, kernel)
   np.testing.assert_allclose(ours(images, kernel), expected, rtol=1e-5, atol=1e-4)
+  # The value computed on the way to a gradient (a custom VJP's own forward pass).
+  np.testing.assert_allclose(jax.vjp(ours, images, kernel)[0], expected, rtol=1e-5, atol=1e-4)
   weights = jax.random.normal(key_g, expected.shape)
   loss = lambda f: lambda *args: jnp.sum(f(*args) * weights)
   for got, want in zip(jax.grad(loss(ours), (0, 1))(images, kernel),

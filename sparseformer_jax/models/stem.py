@@ -2,10 +2,12 @@
 
 Written for speed on CPU, where the stem costs a large share of a training step: the conv runs
 as a 1-D conv over rows that carry their 7 input rows as channels (XLA:CPU's 2-D conv of a
-3-channel image is 2x slower, its kernel gradient 5x), and the max-pool is elementwise maxima of
-phase-wise slices (the gradient of XLA's reduce-window is a select-and-scatter, 3-4x slower).
-Numbers match the official conv -> ReLU -> MaxPool2d.
+3-channel image is 2x slower, its kernel gradient 5x); when differentiated on CPU it runs as one
+matmul over gathered patches, which also give its kernel gradient as one matmul; and the
+max-pool is elementwise maxima of phase-wise slices (the gradient of XLA's reduce-window is a
+select-and-scatter, 3-4x slower). Numbers match the official conv -> ReLU -> MaxPool2d.
 """
+import functools
 import math
 
 import flax.linen as nn
@@ -42,6 +44,69 @@ def strided_conv(images, kernel, stride: int):
   out = jax.lax.conv_general_dilated(rows, kernel, (stride,), ((pad, pad),),
                                      dimension_numbers=("NWC", "WIO", "NWC"))
   return out.reshape(batch, out_h, out.shape[1], out.shape[2])          # (B, h, w, O)
+
+
+def _patches(images, size: int, stride: int, run: int):
+  """images (B, H, W, C) -> (B, h, w, size, run, C), padding size // 2: for every output pixel,
+  its `size` input rows, each a run of `run` >= size contiguous input columns starting at the
+  window's left edge. One gather whose slices are contiguous runs (run * C floats; with C = 3 and
+  run = 8 they are 96 bytes), 2-3x faster on CPU than XLA's concatenation of 3-float pieces."""
+  batch, height, width, channels = images.shape
+  pad = size // 2
+  out_h = (height + 2 * pad - size) // stride + 1
+  out_w = (width + 2 * pad - size) // stride + 1
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad + run - size), (0, 0)))
+  rows = stride * jnp.arange(out_h)[:, None, None] + jnp.arange(size)[None, None, :]   # (h, 1, k)
+  cols = stride * jnp.arange(out_w)[None, :, None]                                       # (1, w, 1)
+  starts = jnp.stack(jnp.broadcast_arrays(rows, cols), axis=-1)                         # (h, w, k, 2)
+  dims = jax.lax.GatherDimensionNumbers(offset_dims=(0, 4, 5), collapsed_slice_dims=(1,),
+                                        start_index_map=(1, 2))
+  return jax.lax.gather(padded, starts, dims, (batch, 1, run, channels),
+                        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _run(size: int) -> int:
+  """Columns per patch row: the kernel width rounded up to even (7 -> 8: 96-byte runs at C = 3)."""
+  return size + size % 2
+
+
+def _patch_matmul(images, kernel, stride: int):
+  """strided_conv as (B*h*w, k*run*C) patches @ the kernel zero-padded to `run` columns; returns
+  the output and the patches (B*h*w, k*run*C)."""
+  size = kernel.shape[0]
+  patches = _patches(images, size, stride, _run(size))                  # (B, h, w, k, run, C)
+  flat = patches.reshape(-1, patches[0, 0, 0].size)
+  padded = jnp.pad(kernel, ((0, 0), (0, _run(size) - size), (0, 0), (0, 0)))
+  out = flat @ padded.reshape(flat.shape[1], -1)                        # (B*h*w, O)
+  return out.reshape(*patches.shape[:3], -1), flat
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_with_patch_gradient(images, kernel, stride: int):
+  """strided_conv, differentiated as a matmul over gathered patches: on CPU one training step's
+  stem conv forward + kernel gradient takes 0.30 s instead of 0.52 s (SF-T, batch 32, one core),
+  which otherwise spends most of its time in XLA's transposes around the kernel-gradient conv.
+  Undifferentiated (inference) it is strided_conv, which needs no patch array."""
+  return strided_conv(images, kernel, stride)
+
+
+def _patch_conv_fwd(images, kernel, stride):
+  out, flat = _patch_matmul(images, kernel, stride)
+  return out, (images, kernel, flat)
+
+
+def _patch_conv_bwd(stride, residuals, grad):
+  images, kernel, flat = residuals
+  size, out_channels = kernel.shape[0], kernel.shape[-1]
+  # The kernel gradient: patches^T @ grad, without the zero-padded columns.
+  d_kernel = flat.T @ grad.reshape(-1, out_channels)                     # (k*run*C, O)
+  d_kernel = d_kernel.reshape(size, _run(size), -1, out_channels)[:, :size]
+  # The images' gradient, which XLA drops when nothing uses it (training).
+  _, images_vjp = jax.vjp(lambda x: strided_conv(x, kernel, stride), images)
+  return images_vjp(grad)[0], d_kernel
+
+
+conv_with_patch_gradient.defvjp(_patch_conv_fwd, _patch_conv_bwd)
 
 
 def _shifted(x, axis: int):
@@ -82,7 +147,9 @@ class StridedConv(nn.Module):
                         (KERNEL, KERNEL, channels, self.features), jnp.float32)
     bias = self.param("bias", _uniform_fan_in_bias(KERNEL * KERNEL * channels), (self.features,),
                       jnp.float32)
-    x = strided_conv(x.astype(self.dtype), kernel.astype(self.dtype), STRIDE)
+    # Patches pay off where XLA's kernel-gradient conv is slow (CPU); cuDNN and TPU convolve well.
+    conv = conv_with_patch_gradient if jax.default_backend() == "cpu" else strided_conv
+    x = conv(x.astype(self.dtype), kernel.astype(self.dtype), STRIDE)
     return x + bias.astype(self.dtype)
 
 
