@@ -14,7 +14,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from sparseformer_jax import host_memory
+from sparseformer_jax import xla_cpu
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,7 +47,7 @@ def _initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  host_memory.tune_malloc_for_xla_cpu()   # before JAX starts its threads
+  xla_cpu.tune_malloc_for_xla_cpu()   # before JAX starts its threads
   _initialize_distributed()
   # Imported only now: nothing may touch devices before jax.distributed.initialize().
   # pylint: disable=g-import-not-at-top

@@ -13,7 +13,8 @@ calls, and the median repetition gives img/s. FLOPs are XLA's count for the comp
 backend reports one (GPU/TPU), else null; `xla_memory_bytes` is the compiled program's
 arguments + outputs + temporaries. On a shared machine, `step_cpu_seconds` (the process's CPU
 time per step, all threads) varies less than wall time. On the CPU, malloc is tuned first as
-main.py does (sparseformer_jax/host_memory.py; "malloc_tuned" in the JSON).
+main.py does, and the steps get main.py's compiler options (sparseformer_jax/xla_cpu.py;
+"malloc_tuned" and "compiler_options" in the JSON).
 
 `--profile DIR` runs one more step under jax.profiler (a trace for TensorBoard or Perfetto in DIR)
 and prints its XLA op time by model layer, forward and backward (sparseformer_jax/profiling.py).
@@ -34,7 +35,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
-from sparseformer_jax import create_model, host_memory, profiling
+from sparseformer_jax import create_model, profiling, xla_cpu
 from sparseformer_jax.models.config import parse_overrides
 from sparseformer_jax.models.vit import VIT_VARIANTS, create_vit
 from sparseformer_jax.sub_batches import apply_in_sub_batches
@@ -69,12 +70,15 @@ def make_step(model, mode: str, images, key, sub_batches: int = 1):
 
   infer: (params, images) -> logits. train: one AdamW update on a softmax cross-entropy with
   drop path on: (state, images, labels) -> (state, loss), the state donated. Both run the batch
-  as `sub_batches` interleaved sub-batches, as main.py's config.sub_batches does.
+  as `sub_batches` interleaved sub-batches, as main.py's config.sub_batches does, and both are
+  compiled with main.py's options (`xla_cpu.compiler_options`).
   """
+  options = xla_cpu.compiler_options()
   params = _init_params(model, key, images[:1])
   if mode == "infer":
-    return jax.jit(lambda p, x: apply_in_sub_batches(
-        lambda sub, _: model.apply({"params": p}, sub), x, sub_batches)), (params, images)
+    infer = lambda p, x: apply_in_sub_batches(
+        lambda sub, _: model.apply({"params": p}, sub), x, sub_batches)
+    return jax.jit(infer, compiler_options=options), (params, images)
   tx = optax.adamw(1e-4, weight_decay=0.05)
   labels = jnp.zeros(images.shape[0], jnp.int32)
 
@@ -90,7 +94,7 @@ def make_step(model, mode: str, images, key, sub_batches: int = 1):
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state, step + 1), loss
   state = (params, tx.init(params), jnp.zeros((), jnp.int32))
-  return jax.jit(train_step, donate_argnums=0), (state, images, labels)
+  return jax.jit(train_step, donate_argnums=0, compiler_options=options), (state, images, labels)
 
 
 def _cost(compiled, key: str):
@@ -153,6 +157,7 @@ def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str 
       "img_per_sec": batch_size / statistics.median(wall) if wall else None,
       "gflops_per_image": flops / batch_size / 1e9 if flops else None,
       "compile_seconds": compile_s,
+      "compiler_options": xla_cpu.compiler_options(),
       "peak_memory_bytes": _peak_device_memory(),
       "xla_memory_bytes": _xla_memory_bytes(compiled),
       "step_seconds": wall,
@@ -247,7 +252,7 @@ def parse_args(argv):
 def main(argv=None) -> dict:
   """Runs the benchmark (or the sweep), prints a table, then one JSON line; returns that dict."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  malloc_tuned = host_memory.tune_malloc_for_xla_cpu()   # as main.py does
+  malloc_tuned = xla_cpu.tune_malloc_for_xla_cpu()   # as main.py does
   common = dict(mode=args.mode, batch_size=args.batch_size, dtype=args.dtype, reps=args.reps,
                 steps=args.steps, warmup=args.warmup, sub_batches=args.sub_batches)
   if not args.sweep:

@@ -31,6 +31,7 @@ from sparseformer_jax import sharding
 from sparseformer_jax import token_intermediates
 from sparseformer_jax.sub_batches import apply_in_sub_batches
 from sparseformer_jax import visualize
+from sparseformer_jax import xla_cpu
 from sparseformer_jax.data import input_pipeline
 from sparseformer_jax.models import inflate
 
@@ -329,7 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_step = jax.jit(make_eval_step(model, info['num_classes'], config.sub_batches),
                         in_shardings=(shardings['params'], shardings['ema_params'],
                                       batch_sharding),
-                        out_shardings=sharding.replicated(mesh))
+                        out_shardings=sharding.replicated(mesh),
+                        compiler_options=xla_cpu.compiler_options())
     start_step = int(state['step'])
     if config.eval_only or start_step >= total_steps:
       # A finished run, started again, evaluates its final state (an eval cut short by a
@@ -341,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_step = jax.jit(make_train_step(model, tx, schedule, config, mesh),
                          in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, sharding.replicated(mesh)),
-                         donate_argnums=0)
+                         donate_argnums=0, compiler_options=xla_cpu.compiler_options())
     metrics_lib.truncate_metrics_file(workdir, start_step)  # Steps after it are re-run.
     train_iter = input_pipeline.create_train_iterator(
         config, local_batch_size=config.global_batch_size // jax.process_count(),
