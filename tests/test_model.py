@@ -126,6 +126,45 @@ def test_materialize_gradient_is_an_identity_for_values_and_gradients():
   np.testing.assert_allclose(g[1:], [0.25, 1 / 6], rtol=1e-6)
 
 
+# (a shape, b shape): adaptive mixing's channel mixing, an attention head's weights @ values.
+MATMUL_SHAPES = [((3, 2, 36, 96), (3, 2, 96, 96)), ((3, 2, 49, 49), (3, 2, 49, 8))]
+
+
+@pytest.mark.parametrize("a_shape, b_shape", MATMUL_SHAPES)
+def test_matmul_values_and_gradients_equal_the_plain_product(a_shape, b_shape):
+  a, b = (jax.random.normal(k, s) for k, s in zip(jax.random.split(jax.random.key(0)),
+                                                   (a_shape, b_shape)))
+  g = jax.random.normal(jax.random.key(1), a_shape[:-1] + b_shape[-1:])
+  plain = lambda a, b: jnp.einsum("...mk,...kn->...mn", a, b)
+  out, vjp = jax.vjp(jax.jit(layers.matmul), a, b)
+  want_out, want_vjp = jax.vjp(plain, a, b)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.jit(vjp)(g), want_vjp(g)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def _dots_contracting_lhs_rows(matmul, a_shape, b_shape) -> int:
+  """Dots in XLA:CPU's compiled gradient of matmul that contract their lhs over a non-minor axis
+  (matmuls of a transposed operand, which XLA:CPU runs in Eigen, not YNNPACK)."""
+  loss = lambda a, b: jnp.sum(jnp.tanh(matmul(a, b)))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+      jnp.ones(a_shape), jnp.ones(b_shape)).compile().as_text()
+  count = 0
+  for line in re.findall(r" dot\(.*", hlo):
+    batch = re.search(r"lhs_batch_dims=\{([\d,]*)\}", line)
+    rank = (len(batch.group(1).split(",")) if batch else 0) + 2   # batch, free, contracting
+    count += int(re.search(r"lhs_contracting_dims=\{(\d+)\}", line).group(1)) != rank - 1
+  return count
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's dot lowering")
+@pytest.mark.parametrize("a_shape, b_shape", MATMUL_SHAPES)
+def test_matmul_gradient_has_no_transposed_lhs_dots_on_cpu(a_shape, b_shape):
+  plain = lambda a, b: jnp.einsum("...mk,...kn->...mn", a, b)
+  assert _dots_contracting_lhs_rows(plain, a_shape, b_shape) > 0   # what the check catches
+  assert _dots_contracting_lhs_rows(layers.matmul, a_shape, b_shape) == 0
+
+
 @pytest.mark.parametrize("overrides", [
     {}, {"head": "cls", "cls_insert_unit": 2},
     {"cortex_depth": 1, "cortex_leading_ops": ("sampling", "pe_inject")}])  # no 'mlp' last

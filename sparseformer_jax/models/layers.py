@@ -1,5 +1,6 @@
 """Transformer building blocks shared by the SparseFormer units: Dense/LayerNorm with the official
-initialization, exact GELU, QuickGELU, per-sample drop path, MLP and multi-head self-attention."""
+initialization, exact GELU, QuickGELU, per-sample drop path, batched matmul, MLP and multi-head
+self-attention."""
 import functools
 import math
 from typing import Optional
@@ -81,6 +82,45 @@ def _materialize_gradient_bwd(_, g):
 materialize_gradient.defvjp(_materialize_gradient_fwd, _materialize_gradient_bwd)
 
 
+def _transposed(x):
+  """x with its last two axes swapped, in a buffer of its own: the optimization barrier keeps
+  XLA from folding the transpose back into the matmul that reads it."""
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+def _rhs_gradient_cpu(a, g):
+  """a^T @ g as a matmul of row-major operands."""
+  return jnp.einsum("...km,...mn->...kn", _transposed(a), g)
+
+
+@jax.custom_vjp
+def matmul(a, b):
+  """Batched a @ b: (..., M, K) @ (..., K, N) -> (..., M, N), differentiated into fast matmuls.
+
+  The gradient for b, a^T @ g, contracts a over its rows. XLA:CPU runs such a matmul in Eigen,
+  at 4-40 GFLOP/s for the small batched shapes of attention heads and adaptive mixing; from an
+  explicit transposed copy (`_rhs_gradient_cpu`) it becomes a plain matmul that XLA:CPU gives to
+  YNNPACK, as it does the forward. SF-T training on 2 CPU cores: +10% img/s. Other backends
+  differentiate the plain product.
+  """
+  return jnp.einsum("...mk,...kn->...mn", a, b)
+
+
+def _matmul_fwd(a, b):
+  return matmul(a, b), (a, b)
+
+
+def _matmul_bwd(residuals, g):
+  a, b = residuals
+  d_a = jnp.einsum("...mn,...kn->...mk", g, b)
+  d_b = jax.lax.platform_dependent(
+      a, g, cpu=_rhs_gradient_cpu, default=lambda a, g: jnp.einsum("...mk,...mn->...kn", a, g))
+  return d_a, d_b
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def residual_add(module: nn.Module, x: jax.Array, h: jax.Array, rate: float, train: bool):
   """x + drop_path(h), the sum's gradient materialized once (see `materialize_gradient`)."""
   return materialize_gradient(x + drop_path(module, h, rate, train))
@@ -143,11 +183,11 @@ class Attention(nn.Module):
     q, k, v = (qkv[..., i * width:(i + 1) * width]
                .reshape(batch, tokens, self.num_heads, head_dim).transpose(0, 2, 1, 3)
                for i in range(3))                                          # (B, H, N, hd) each
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k).astype(jnp.float32)
+    logits = matmul(q * head_dim ** -0.5, jnp.swapaxes(k, -1, -2)).astype(jnp.float32)
     # exp(logits - max) / sum: the max only guards exp against overflow and cancels out, so it
     # needs no gradient.
     weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
+    out = matmul(weights.astype(v.dtype), v)                              # (B, H, N, hd)
     out = out / weights.sum(axis=-1, keepdims=True).astype(out.dtype)     # (B, H, N, hd)
     out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, width)
     return dense(width, self.dtype, "proj")(out)

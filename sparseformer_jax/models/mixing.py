@@ -3,7 +3,7 @@ matrices generated from its embedding (SPEC §3.3)."""
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sparseformer_jax.models.layers import (dense, gelu, layer_norm, trunc_normal,
+from sparseformer_jax.models.layers import (dense, gelu, layer_norm, matmul, trunc_normal,
                                             xavier_uniform_blocks)
 
 
@@ -61,10 +61,10 @@ class AdaptiveMixing(nn.Module):
     point_mix = point_mix.reshape(-1, self.out_points, points)           # (B*N, Po, P)
     sampled = sampled.reshape(-1, points, channels).astype(channel_mix.dtype)
 
-    h = jnp.einsum("kpc,kcd->kpd", sampled, channel_mix)                 # (B*N, P, C)
+    h = matmul(sampled, channel_mix)                                     # (B*N, P, C)
     if self.use_bias:
       h = gelu(h + self.param("m_beta", nn.initializers.zeros, (channels,)).astype(h.dtype))
-    h = jnp.einsum("kqp,kpc->kqc", point_mix, h)                         # (B*N, Po, C)
+    h = matmul(point_mix, h)                                             # (B*N, Po, C)
     if self.use_bias:
       h = h + self.param("s_beta", nn.initializers.zeros, (self.out_points,))[:, None].astype(h.dtype)
     h = gelu(h)
