@@ -1,6 +1,7 @@
 """Model construction, variants, sizes, costs, numerics options and input errors."""
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from sparseformer_jax import VARIANTS, create_model, get_config, token_intermediates
 from sparseformer_jax.models import layers
+from sparseformer_jax.models import mixing as mixing_lib
 from sparseformer_jax.models import roi as roi_lib
 from sparseformer_jax.models import stem
 
@@ -124,6 +126,23 @@ def test_materialize_gradient_is_an_identity_for_values_and_gradients():
   g = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sqrt(layers.materialize_gradient(x)))))(x)
   assert np.isnan(g[0])
   np.testing.assert_allclose(g[1:], [0.25, 1 / 6], rtol=1e-6)
+
+
+def test_split_dense_is_a_dense_layer_whose_kernel_gradient_needs_no_padding():
+  split = mixing_lib.SplitDense((6, 4), bias_init=nn.initializers.normal(1.0))
+  x = jax.random.normal(jax.random.key(0), (2, 3, 5))
+  params = split.init(jax.random.key(1), x)
+  dense = lambda p: x @ p["params"]["kernel"] + p["params"]["bias"]
+  blocks = split.apply(params, x)
+  np.testing.assert_allclose(jnp.concatenate(blocks, axis=-1), dense(params), rtol=1e-6)
+  weights = jax.random.normal(jax.random.key(2), (2, 3, 10))
+  loss = lambda p: jnp.sum(jnp.concatenate(split.apply(p, x), axis=-1) * weights)
+  grads = jax.grad(loss)(params)
+  want = jax.grad(lambda p: jnp.sum(dense(p) * weights))(params)
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(grads["params"][name], want["params"][name], rtol=1e-5)
+  # The blocks' gradients meet in one concatenation, not in zero-padded copies that are summed.
+  assert "pad" not in jax.jit(jax.grad(loss)).lower(params).as_text()
 
 
 # (a shape, b shape): adaptive mixing's channel mixing, an attention head's weights @ values.
