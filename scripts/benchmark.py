@@ -16,6 +16,11 @@ time per step, all threads) varies less than wall time. On the CPU, malloc is tu
 main.py does, and the steps get main.py's compiler options (sparseformer_jax/xla_cpu.py;
 "malloc_tuned" and "compiler_options" in the JSON).
 
+Shared machines have slow windows (other tenants on the same cores): the same step can measure
+30% slower for an hour. `reference_matmul_gflops` is the backend's float32 rate on a square matmul
+(`--reference-size`) timed just before and just after the repetitions, so that figures from
+different windows can be told apart (these 2 CPU cores: ~400 GFLOP/s at their best).
+
 `--profile DIR` runs one more step under jax.profiler (a trace for TensorBoard or Perfetto in DIR)
 and prints its XLA op time by model layer, forward and backward (sparseformer_jax/profiling.py).
 
@@ -127,11 +132,27 @@ def _call(fn, args, mode):
   return (out[0], *args[1:]) if mode == "train" else args
 
 
+def reference_matmul_gflops(size: int, reps: int = 5) -> float:
+  """The backend's float32 matmul rate on (size, size) @ (size, size): the median of `reps`
+  timed calls after one untimed, in GFLOP/s (2 size**3 FLOPs a call)."""
+  a = jnp.ones((size, size), jnp.float32)
+  product = jax.jit(lambda a: a @ a)
+  product(a).block_until_ready()
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    product(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / statistics.median(times) / 1e9
+
+
 def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str = "float32",
             reps: int = 5, steps: int = 1, warmup: int = 3, overrides=None, seed: int = 0,
-            sub_batches: int = 1, profile_dir: str = "", profile_depth: int = 3) -> dict:
+            sub_batches: int = 1, profile_dir: str = "", profile_depth: int = 3,
+            reference_size: int = 2048) -> dict:
   """Compiles and times one configuration; returns the figures as a dict (img/s None if reps=0).
-  With `profile_dir`, one more step is profiled: "profile" lists [pass, layer, op seconds]."""
+  With `profile_dir`, one more step is profiled: "profile" lists [pass, layer, op seconds].
+  With `reference_size` > 0 the reference matmul is timed before and after the repetitions."""
   model = build_model(model_name, dtype, overrides or {})
   key = jax.random.key(seed)
   images = jax.random.normal(key, (batch_size, *resolution, 3), jnp.float32)
@@ -141,6 +162,7 @@ def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str 
   compile_s = time.perf_counter() - start
   for _ in range(warmup):
     args = _call(compiled, args, mode)
+  reference = [reference_matmul_gflops(reference_size)] if reference_size else []
   wall, cpu = [], []
   for _ in range(reps):
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -148,6 +170,8 @@ def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str 
       args = _call(compiled, args, mode)
     wall.append((time.perf_counter() - start) / steps)
     cpu.append((time.process_time() - start_cpu) / steps)
+  if reference_size:
+    reference.append(reference_matmul_gflops(reference_size))
   layers = (profiling.profile_call(compiled, lambda: _call(compiled, args, mode), profile_dir,
                                     profile_depth) if profile_dir else {})
   flops = _cost(compiled, "flops")
@@ -162,6 +186,7 @@ def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str 
       "xla_memory_bytes": _xla_memory_bytes(compiled),
       "step_seconds": wall,
       "step_cpu_seconds": cpu,
+      "reference_matmul_gflops": reference or None,
       "profile": [[direction, layer, t] for (direction, layer), t in layers.items()] or None,
   }
 
@@ -171,12 +196,14 @@ def _format_row(row: dict) -> str:
   gflops = f"{row['gflops_per_image']:10.2f}" if row["gflops_per_image"] else "         -"
   memory = row["peak_memory_bytes"] or row["xla_memory_bytes"]
   memory = f"{memory / 2**20:10.0f}" if memory else "         -"
+  reference = row["reference_matmul_gflops"]
+  reference = "/".join(f"{r:.0f}" for r in reference) if reference else "-"
   return (f"{row['model']:24s} {'x'.join(map(str, row['resolution'])):>9s} {gflops} {img_s} "
-          f"{row['compile_seconds']:9.1f} {memory}")
+          f"{row['compile_seconds']:9.1f} {memory} {reference:>15s}")
 
 
 TABLE_HEADER = (f"{'model':24s} {'HxW':>9s} {'GFLOP/img':>10s} {'img/s':>9s} {'compile s':>9s} "
-                f"{'mem MiB':>10s}")
+                f"{'mem MiB':>10s} {'matmul GFLOP/s':>15s}")
 
 
 def plot_sweep(rows, path: str) -> None:
@@ -227,6 +254,9 @@ def parse_args(argv):
   parser.add_argument("--steps", type=int, default=1, help="calls per repetition")
   parser.add_argument("--warmup", type=int, default=3,
                       help="untimed calls after compiling (the heap reaches its size in a few)")
+  parser.add_argument("--reference-size", type=int, default=2048,
+                      help="side of the float32 matmul timed before and after the repetitions, "
+                           "to tell a slow window of a shared machine (0: skip)")
   parser.add_argument("--override", action="append", default=[],
                       help="model config field=value (repeatable), e.g. --override num_tokens=16")
   parser.add_argument("--sweep", default="",
@@ -254,7 +284,8 @@ def main(argv=None) -> dict:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   malloc_tuned = xla_cpu.tune_malloc_for_xla_cpu()   # as main.py does
   common = dict(mode=args.mode, batch_size=args.batch_size, dtype=args.dtype, reps=args.reps,
-                steps=args.steps, warmup=args.warmup, sub_batches=args.sub_batches)
+                steps=args.steps, warmup=args.warmup, sub_batches=args.sub_batches,
+                reference_size=args.reference_size)
   if not args.sweep:
     result = measure(args.model, resolution=args.resolution,
                      overrides=parse_overrides(args.override), profile_dir=args.profile,

@@ -20,7 +20,7 @@ TINY_VIT = ["patch=8", "width=16", "depth=1", "num_heads=2", "num_classes=4"]
 def run(capsys, *args) -> dict:
   """benchmark.main(args) -> the JSON object of its last printed line (checked against the dict
   main returns)."""
-  returned = benchmark.main([*args, "--warmup", "0"])
+  returned = benchmark.main([*args, "--warmup", "0", "--reference-size", "64"])
   lines = capsys.readouterr().out.strip().splitlines()
   printed = json.loads(lines[-1])
   assert printed == json.loads(json.dumps(returned))
@@ -41,6 +41,9 @@ def test_train_and_inference_report_throughput_and_xla_flops(capsys):
     assert len(result["step_seconds"]) == 2 and len(result["step_cpu_seconds"]) == 2
     assert result["img_per_sec"] == pytest.approx(2 / statistics.median(result["step_seconds"]))
     assert result["compile_seconds"] > 0 and result["xla_memory_bytes"] > 0
+    # The reference matmul, timed before and after the repetitions.
+    assert len(result["reference_matmul_gflops"]) == 2
+    assert min(result["reference_matmul_gflops"]) > 0
   # A training step is the forward pass, about twice that backward, and the optimizer.
   assert 2.0 < train["gflops_per_image"] / infer["gflops_per_image"] < 4.5
 
@@ -60,6 +63,19 @@ def test_sweep_prints_a_table_and_plots_cost_against_resolution(capsys, tmp_path
   assert growth["vit_s16"] > 3.5 and growth["sparseformer_v1_tiny"] < growth["vit_s16"]
   with Image.open(plot) as picture:
     assert picture.format == "PNG" and picture.size == (1000, 400)
+
+
+def test_reference_matmul_rate_counts_two_flops_per_multiply_add(monkeypatch):
+  clock = iter(range(100))   # every perf_counter() call advances one second
+  monkeypatch.setattr(benchmark.time, "perf_counter", lambda: float(next(clock)))
+  assert benchmark.reference_matmul_gflops(100, reps=3) == pytest.approx(2 * 100**3 / 1e9)
+
+
+def test_reference_matmul_can_be_skipped(capsys):
+  result = benchmark.main(["--batch-size", "1", "--resolution", "32", "--reps", "1", "--warmup",
+                           "0", "--reference-size", "0", *overrides("--override", TINY_SF)])
+  assert result["reference_matmul_gflops"] is None
+  assert capsys.readouterr().out.splitlines()[1].rstrip().endswith("-")
 
 
 def test_resolution_argument():
