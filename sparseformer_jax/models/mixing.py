@@ -5,7 +5,7 @@ import itertools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sparseformer_jax.models.layers import (dense, gelu, layer_norm, matmul, trunc_normal,
+from sparseformer_jax.models.layers import (dense, einsum, gelu, layer_norm, matmul, trunc_normal,
                                             xavier_uniform_blocks)
 
 
@@ -31,7 +31,8 @@ class SplitDense(nn.Module):
     flat = jnp.concatenate([flat, jnp.ones((flat.shape[0], 1), flat.dtype)], axis=1)
     kernel = jnp.concatenate([kernel, bias[None]], axis=0).astype(self.dtype)  # (in + 1, out)
     blocks = jnp.split(kernel, list(itertools.accumulate(self.features))[:-1], axis=1)
-    return [(flat @ block).reshape(*x.shape[:-1], block.shape[1]) for block in blocks]
+    return [einsum("mk,kn->mn", flat, block).reshape(*x.shape[:-1], block.shape[1])
+            for block in blocks]
 
 
 class AdaptiveMixing(nn.Module):
@@ -62,11 +63,13 @@ class AdaptiveMixing(nn.Module):
     point_mix = point_mix.reshape(-1, self.out_points, points)           # (B*N, Po, P)
     sampled = sampled.reshape(-1, points, channels).astype(channel_mix.dtype)
 
+    # The biases are added in float32, so that their gradients are float32 sums (XLA:CPU runs
+    # bfloat16 ones 10x slower).
     h = matmul(sampled, channel_mix)                                     # (B*N, P, C)
     if self.use_bias:
-      h = gelu(h + self.param("m_beta", nn.initializers.zeros, (channels,)).astype(h.dtype))
+      h = gelu(h + self.param("m_beta", nn.initializers.zeros, (channels,))).astype(self.dtype)
     h = matmul(point_mix, h)                                             # (B*N, Po, C)
     if self.use_bias:
-      h = h + self.param("s_beta", nn.initializers.zeros, (self.out_points,))[:, None].astype(h.dtype)
-    h = gelu(h)
+      h = h + self.param("s_beta", nn.initializers.zeros, (self.out_points,))[:, None]
+    h = gelu(h).astype(self.dtype)
     return dense(width, self.dtype, "out_proj")(h.reshape(batch, tokens, self.out_points * channels))

@@ -13,6 +13,8 @@ import itertools
 import jax
 import jax.numpy as jnp
 
+from sparseformer_jax.models.layers import einsum
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def clamp_gradient(x, bound: float):
@@ -81,5 +83,4 @@ def sample_features(features: jax.Array, points: jax.Array, padding: str = "zero
   gathered = jnp.take_along_axis(flat, indices.reshape(batch, -1, 1), axis=1,
                                  mode="promise_in_bounds")
   gathered = gathered.reshape(*indices.shape, channels)        # (B, M, 2**D, C)
-  out = jnp.einsum("bmk,bmkc->bmc", weights.astype(features.dtype), gathered)
-  return out
+  return einsum("bmk,bmkc->bmc", weights.astype(features.dtype), gathered)
