@@ -4,9 +4,9 @@ One batch's forward and backward pass is a long chain of ops, many of which keep
 only part of the time (small per-token matmuls, gathers, scatters, norms). XLA:CPU runs
 independent ops at the same time, so k independent chains, one per sub-batch, fill those gaps.
 On 2 CPU cores (scripts/benchmark.py, SparseFormer-T, 224 px, batch 32) k = 4 takes inference
-from 43 to 48 img/s and a training step from 10.5 to 11.5-11.9 img/s. The outputs are the whole
-batch's (every sample is computed on its own), but compile time grows with k (16 -> 49 s for
-that training step). Where the cores are busy anyway it gains nothing: on GPU/TPU the smaller
+from 44-46 to 52 img/s and a training step from 12.1 to 13.8 img/s (medians). The outputs are
+the whole batch's (every sample is computed on its own), but compile time grows with k (16 -> 49 s
+for that training step). Where the cores are busy anyway it gains nothing: on GPU/TPU the smaller
 matmuls only lose, and the embedded default's input pipeline already shares the two cores.
 """
 import jax
