@@ -14,7 +14,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from sparseformer_jax import xla_cpu
+from sparseformer_jax.ops import xla_cpu
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,8 +51,8 @@ def main(argv):
   _initialize_distributed()
   # Imported only now: nothing may touch devices before jax.distributed.initialize().
   # pylint: disable=g-import-not-at-top
-  from sparseformer_jax import checkpointing
-  from sparseformer_jax import train
+  from sparseformer_jax.trainer import checkpointing
+  from sparseformer_jax.trainer import train
   checkpointing.quiet_orbax_logging()
   logging.info('JAX process %d of %d, %d local / %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,11 +1,11 @@
 """Recipe pieces shared by the configs in this directory.
 
 Every field and its default (the ImageNet-1K recipe of SPEC §8) lives in
-sparseformer_jax/config_validation.py:base_config(); a config changes only what differs.
+sparseformer_jax/trainer/config_schema.py:base_config(); a config changes only what differs.
 """
 import ml_collections
 
-from sparseformer_jax.config_validation import base_config
+from sparseformer_jax.trainer.config_schema import base_config
 
 # create_model overrides of the smoke model: every stage present, as small as it gets.
 SMOKE_MODEL = dict(conv_dim=16, num_tokens=9, num_points=4, focusing_width=32, focusing_repeats=2,

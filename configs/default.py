@@ -11,7 +11,7 @@ already at epoch 2, 7.5 min).
 Running the same command again resumes from the workdir's latest checkpoint.
 """
 from configs import common
-from sparseformer_jax.config_validation import base_config
+from sparseformer_jax.trainer.config_schema import base_config
 
 
 def get_config(arg: str = ''):

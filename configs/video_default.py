@@ -20,7 +20,7 @@ so slower than an idle machine; training is deterministic, both runs gave the sa
 import ml_collections
 
 from configs import common
-from sparseformer_jax.config_validation import base_config
+from sparseformer_jax.trainer.config_schema import base_config
 
 
 def get_config(arg: str = ''):

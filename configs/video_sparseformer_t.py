@@ -13,7 +13,7 @@ Starting weights (the official MediaSparseFormer starts from image weights): an 
 SparseFormer-T run's workdir (configs/sparseformer_t.py), its checkpoints dir or a step dir (e.g.
 from scripts/convert_checkpoint.py --out). `config.init_from` names it and
 `config.init_inflate_replicates = 2` says these are IMAGE weights that the trainer inflates with
-sparseformer_jax.models.inflate.inflate_from_image(params, 2) (tokens copied replica-major, zero
+sparseformer_jax.weights.inflate.inflate_from_image(params, 2) (tokens copied replica-major, zero
 time components) before fitting them to this video model; 0 would mean init_from already holds
 weights of this video model. Resuming from this run's own workdir needs neither.
 
@@ -51,7 +51,7 @@ Running the same command again resumes from the workdir's latest checkpoint.
 import ml_collections
 
 from configs import common
-from sparseformer_jax.config_validation import base_config
+from sparseformer_jax.trainer.config_schema import base_config
 
 REPLICATES = 2  # token replicas of the video model (SPEC §7), also the inflation factor
 

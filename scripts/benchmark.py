@@ -13,7 +13,7 @@ calls, and the median repetition gives img/s. FLOPs are XLA's count for the comp
 backend reports one (GPU/TPU), else null; `xla_memory_bytes` is the compiled program's
 arguments + outputs + temporaries. On a shared machine, `step_cpu_seconds` (the process's CPU
 time per step, all threads) varies less than wall time. On the CPU, malloc is tuned first as
-main.py does, and the steps get main.py's compiler options (sparseformer_jax/xla_cpu.py;
+main.py does, and the steps get main.py's compiler options (sparseformer_jax/ops/xla_cpu.py;
 "malloc_tuned" and "compiler_options" in the JSON).
 
 Shared machines have slow windows (other tenants on the same cores): the same step can measure
@@ -22,7 +22,7 @@ Shared machines have slow windows (other tenants on the same cores): the same st
 different windows can be told apart (these 2 CPU cores: ~400 GFLOP/s at their best).
 
 `--profile DIR` runs one more step under jax.profiler (a trace for TensorBoard or Perfetto in DIR)
-and prints its XLA op time by model layer, forward and backward (sparseformer_jax/profiling.py).
+and prints its XLA op time by model layer, forward and backward (sparseformer_jax/analysis/profiling.py).
 
 The last line printed is one JSON object: the figures, and for a sweep the same for every
 (model, resolution) under "sweep", the top level repeating the first row.
@@ -40,10 +40,12 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
-from sparseformer_jax import create_model, profiling, xla_cpu
+from sparseformer_jax import create_model
+from sparseformer_jax.analysis import profiling
+from sparseformer_jax.ops import xla_cpu
 from sparseformer_jax.models.config import parse_overrides
-from sparseformer_jax.models.vit import VIT_VARIANTS, create_vit
-from sparseformer_jax.sub_batches import apply_in_sub_batches
+from sparseformer_jax.baselines.vit import VIT_VARIANTS, create_vit
+from sparseformer_jax.ops.sub_batches import apply_in_sub_batches
 
 
 def parse_resolution(text: str):

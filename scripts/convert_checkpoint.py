@@ -24,7 +24,7 @@ from etils import epath
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from sparseformer_jax import get_config, load_torch_model
-from sparseformer_jax import checkpointing
+from sparseformer_jax.trainer import checkpointing
 
 _TORCH = flags.DEFINE_string('torch', None, 'The .pth file (either official layout).',
                              required=True)

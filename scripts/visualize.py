@@ -20,9 +20,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from sparseformer_jax import NORMALIZATION, create_model, load_torch_model, token_intermediates
-from sparseformer_jax import checkpointing
+from sparseformer_jax.trainer import checkpointing
 from sparseformer_jax.models.config import parse_overrides
-from sparseformer_jax.visualize import denormalize, render_rois
+from sparseformer_jax.analysis.visualize import denormalize, render_rois
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A training workdir (or checkpoint dir).')
 _TORCH = flags.DEFINE_string('torch', None, 'An official PyTorch .pth file (needs --model).')

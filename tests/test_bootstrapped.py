@@ -11,7 +11,7 @@ import pytest
 
 from sparseformer_jax import (NORMALIZATION, SparseFormer, create_model, inflate_from_image,
                               load_torch_checkpoint, load_torch_model, token_intermediates)
-from sparseformer_jax.models.inflate import video_config
+from sparseformer_jax.weights.inflate import video_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CHECKPOINT = os.path.join(FIXTURES, "sf_btsp_tiny_library_format.pth")

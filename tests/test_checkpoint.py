@@ -13,7 +13,11 @@ import pytest
 
 from conftest import (REPO, by_step, main_command, read_metrics, restore_numpy, run_main,
                       smoke_config)
-from sparseformer_jax import checkpointing, load_torch_checkpoint, optim, sharding, train
+from sparseformer_jax import load_torch_checkpoint
+from sparseformer_jax.trainer import checkpointing
+from sparseformer_jax.trainer import optim
+from sparseformer_jax.trainer import sharding
+from sparseformer_jax.trainer import train
 
 FIXTURE = REPO / 'tests' / 'fixtures' / 'sf_v1_tiny_library_format.pth'
 # The fixture's model (tests/fixtures/sf_v1_tiny_config.json) as create_model overrides.

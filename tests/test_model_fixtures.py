@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sparseformer_jax import load_torch_checkpoint, load_torch_model, token_intermediates
-from sparseformer_jax.models.torch_checkpoint import (_to_numpy_state_dict, detect_layout,
+from sparseformer_jax.weights.torch_checkpoint import (_to_numpy_state_dict, detect_layout,
                                                       to_flax, torch_key)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

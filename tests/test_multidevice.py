@@ -45,7 +45,7 @@ BOTH_PROCESSES_DRIVER = """
 import sys
 import numpy as np
 from conftest import smoke_config
-from sparseformer_jax import train
+from sparseformer_jax.trainer import train
 from sparseformer_jax.data import input_pipeline
 real_iterator = input_pipeline.create_train_iterator
 

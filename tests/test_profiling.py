@@ -1,10 +1,10 @@
-"""sparseformer_jax/profiling.py: op names -> layers, and a real profile through the benchmark."""
+"""sparseformer_jax/analysis/profiling.py: op names -> layers, and a real profile through the benchmark."""
 import os
 import sys
 
 import pytest
 
-from sparseformer_jax import profiling
+from sparseformer_jax.analysis import profiling
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "scripts"))

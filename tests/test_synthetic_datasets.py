@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sparseformer_jax.data import synthetic_motion, synthetic_objects
+from sparseformer_jax.data.embedded import synthetic_motion
+from sparseformer_jax.data.embedded import synthetic_objects
 
 NUM_CLASSES = 10
 NEAR_CHANCE = 0.25  # chance is 0.10; 128 validation examples

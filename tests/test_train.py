@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 from conftest import by_step, read_metrics, restore_numpy, run_main, run_python, smoke_config
-from sparseformer_jax import create_model, optim, sharding, train
-from sparseformer_jax.sub_batches import apply_in_sub_batches
+from sparseformer_jax import create_model
+from sparseformer_jax.trainer import optim
+from sparseformer_jax.trainer import sharding
+from sparseformer_jax.trainer import train
+from sparseformer_jax.ops.sub_batches import apply_in_sub_batches
 
 # create_model overrides of a model that compiles fast and still has every part.
 MICRO_MODEL = dict(conv_dim=8, num_tokens=4, num_points=4, focusing_width=16, focusing_repeats=1,
@@ -167,7 +170,7 @@ NAN_DRIVER = """
 import sys
 import numpy as np
 from conftest import smoke_config
-from sparseformer_jax import train
+from sparseformer_jax.trainer import train
 from sparseformer_jax.data import input_pipeline
 real_iterator = input_pipeline.create_train_iterator
 

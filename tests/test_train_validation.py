@@ -4,8 +4,9 @@ import importlib
 import pytest
 
 from conftest import smoke_config
-from sparseformer_jax import config_validation, train
-from sparseformer_jax.config_validation import ConfigError
+from sparseformer_jax.trainer import config_schema
+from sparseformer_jax.trainer import train
+from sparseformer_jax.trainer.config_schema import ConfigError
 
 
 def _set(config, dotted, value):
@@ -57,23 +58,23 @@ def test_device_count_checks_suggest_a_size_that_works():
   config = smoke_config()
   config.global_batch_size = 36
   with pytest.raises(ConfigError, match='multiple of 8, e.g. 40'):
-    config_validation.check_against_devices(config, device_count=8)
+    config_schema.check_against_devices(config, device_count=8)
   config.global_batch_size, config.eval_batch_size = 32, 60
   with pytest.raises(ConfigError, match='config.eval_batch_size=60 is not divisible by the 8 '
                                         'devices'):
-    config_validation.check_against_devices(config, device_count=8)
+    config_schema.check_against_devices(config, device_count=8)
   config.optimizer.accum_steps, config.sub_batches = 2, 4
   with pytest.raises(ConfigError, match='config.global_batch_size=32 is not divisible by the 8 '
                                         'devices x 2 micro-batches x 4 sub-batches: set '
                                         '--config.global_batch_size to a multiple of 64, e.g. 64'):
-    config_validation.check_against_devices(config, device_count=8)
+    config_schema.check_against_devices(config, device_count=8)
   config.global_batch_size, config.eval_batch_size = 64, 48
   with pytest.raises(ConfigError, match='config.eval_batch_size=48 is not divisible by the 8 '
                                         'devices x 4 sub-batches: .* e.g. 64'):
-    config_validation.check_against_devices(config, device_count=8)
+    config_schema.check_against_devices(config, device_count=8)
   config.eval_batch_size, config.mesh.fsdp = 64, 3
   with pytest.raises(ConfigError, match='config.mesh.fsdp=3 must divide the 8 devices'):
-    config_validation.check_against_devices(config, device_count=8)
+    config_schema.check_against_devices(config, device_count=8)
 
 
 def test_an_unwritable_workdir_is_reported(tmp_path, no_compiles):
@@ -101,15 +102,15 @@ def test_init_skip_without_fine_tuning_is_reported(fields, message):
   config = smoke_config()
   config.update(fields)
   with pytest.raises(ConfigError, match=message):
-    config_validation.validate_config(config)
+    config_schema.validate_config(config)
 
 
 @pytest.mark.parametrize('name', ['default', 'sparseformer_t', 'sparseformer_s', 'sparseformer_b'])
 @pytest.mark.parametrize('arg', ['', 'smoke'])
 def test_every_config_and_its_smoke_variant_is_valid(name, arg):
   config = importlib.import_module(f'configs.{name}').get_config(arg)
-  config_validation.validate_config(config)
-  config_validation.check_against_devices(config, device_count=8)
+  config_schema.validate_config(config)
+  config_schema.check_against_devices(config, device_count=8)
   train._build_model(config, num_classes=10)  # pylint: disable=protected-access
   if arg == 'smoke':
     assert config.dataset == 'synthetic_objects/smoke' and config.num_train_steps <= 20
@@ -118,15 +119,15 @@ def test_every_config_and_its_smoke_variant_is_valid(name, arg):
 def test_fine_tuning_with_another_normalization_is_pointed_out():
   """A bootstrapped CLIP model fine-tuned on ImageNet-normalized inputs gets a warning with the
   flags that fix it; matching inputs, or no init_from, get none."""
-  config = config_validation.base_config()
+  config = config_schema.base_config()
   config.model.name = 'sparseformer_btsp_openai_clip_base'
-  assert config_validation.normalization_mismatch(config) is None     # trained from scratch
+  assert config_schema.normalization_mismatch(config) is None     # trained from scratch
   config.init_from = '/converted/btsp_clip_base'
-  message = config_validation.normalization_mismatch(config)
+  message = config_schema.normalization_mismatch(config)
   assert "--config.input.mean='(0.48145466,0.4578275,0.40821073)'" in message
   assert "--config.input.std='(0.26862954,0.26130258,0.27577711)'" in message
   config.input.mean = (0.48145466, 0.4578275, 0.40821073)
   config.input.std = (0.26862954, 0.26130258, 0.27577711)
-  assert config_validation.normalization_mismatch(config) is None
+  assert config_schema.normalization_mismatch(config) is None
   config.model.name = 'sparseformer_v1_tiny'                          # ImageNet-normalized
-  assert 'sparseformer_v1_tiny was trained' in config_validation.normalization_mismatch(config)
+  assert 'sparseformer_v1_tiny was trained' in config_schema.normalization_mismatch(config)

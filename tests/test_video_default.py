@@ -4,21 +4,21 @@ import json
 
 from conftest import by_step, read_metrics, run_python, smoke_config
 from configs import video_default
-from sparseformer_jax import config_validation
+from sparseformer_jax.trainer import config_schema
 
 # Trains configs/video_default.py:smoke (the reference cadence: logs every 2 steps and
 # checkpoints every 4 of its 12 steps) in the workdir sys.argv[1].
 SMOKE_DRIVER = """
 import sys
 from conftest import smoke_config
-from sparseformer_jax import train
+from sparseformer_jax.trainer import train
 train.train_and_evaluate(smoke_config('video_default'), sys.argv[1])
 """
 
 
 def test_full_config_is_a_valid_video_recipe_that_keeps_directions():
   for config in (video_default.get_config(), video_default.get_config('smoke')):
-    config_validation.validate_config(config)
+    config_schema.validate_config(config)
     assert config.input.num_frames == 8 and config.image_key == 'video'
     assert config.model.overrides.video
     # The label is a direction: a flip or mixing clips would change it.

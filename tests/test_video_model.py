@@ -10,7 +10,7 @@ import pytest
 
 from sparseformer_jax import (SparseFormer, inflate_from_image, load_torch_checkpoint,
                               load_torch_model, token_intermediates)
-from sparseformer_jax.models.inflate import video_config
+from sparseformer_jax.weights.inflate import video_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 NAME = "sparseformer_v1_tiny"

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from sparseformer_jax.visualize import denormalize, render_rois, stages
+from sparseformer_jax.analysis.visualize import denormalize, render_rois, stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "sf_v1_tiny_library_format.pth")

@@ -10,13 +10,13 @@ import pytest
 
 from conftest import run_python
 
-from sparseformer_jax import xla_cpu
+from sparseformer_jax.ops import xla_cpu
 
 # In a worker thread, as XLA:CPU allocates: malloc, touch and free 256 MB twice, then print the
 # minor page faults of a third round. Untuned, glibc serves each round a fresh mmap.
 _PROGRAM = """
 import ctypes, ctypes.util, resource, sys, threading
-from sparseformer_jax import xla_cpu
+from sparseformer_jax.ops import xla_cpu
 print(xla_cpu.tune_malloc_for_xla_cpu(), file=sys.stderr)
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -75,7 +75,7 @@ def _has_avx512() -> bool:
 _VECTORS_PROGRAM = """
 import sys
 import jax, jax.numpy as jnp
-from sparseformer_jax import xla_cpu
+from sparseformer_jax.ops import xla_cpu
 x = jnp.linspace(-3.0, 3.0, 1 << 16)
 def tuned(x): return jnp.exp(x) * x + 1.0
 def plain(x): return jnp.exp(x) * x + 1.0
@@ -101,7 +101,7 @@ _JIT_RECORDER = """
 import sys
 import jax
 from conftest import smoke_config
-from sparseformer_jax import train
+from sparseformer_jax.trainer import train
 real_jit, options = jax.jit, {}
 def recording_jit(fun, **kwargs):
   options[getattr(fun, "__name__", "?")] = kwargs.get("compiler_options")

@@ -125,10 +125,10 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def _import_local_datasets() -> None:
-  """Imports every module of this package, so TFDS registers builders defined there."""
-  package = importlib.import_module(__package__)
+  """Imports every module of data/embedded/, so TFDS registers the builders defined there."""
+  package = importlib.import_module(f'{__package__}.embedded')
   for module in pkgutil.iter_modules(package.__path__):
-    importlib.import_module(f'{__package__}.{module.name}')
+    importlib.import_module(f'{package.__name__}.{module.name}')
 
 
 def _preparation_help(dataset: str, data_dir: str, manual: bool) -> str:

@@ -7,7 +7,7 @@ shapes, all colors and all positions are independent of it, so a model must
 find the target and recognise its shape, which is what SparseFormer's movable
 regions of interest are for. Importing this module registers the builder:
 
-  import sparseformer_jax.data.synthetic_objects
+  import sparseformer_jax.data.embedded.synthetic_objects
   builder = tfds.builder('synthetic_objects/smoke', data_dir=...)
   builder.download_and_prepare()  # generates locally, no network
 
@@ -24,8 +24,8 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sparseformer_jax.data import shapes
-from sparseformer_jax.data.local_builder import LocallyGeneratedBuilder
+from sparseformer_jax.data.embedded import shapes
+from sparseformer_jax.data.embedded.local_builder import LocallyGeneratedBuilder
 
 _PLACEMENT_ATTEMPTS = 20  # tries to place a distractor clear of the target
 

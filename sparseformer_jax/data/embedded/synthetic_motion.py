@@ -7,7 +7,7 @@ distractors move in random directions at random speeds (some stand still), so
 neither global motion nor the target's look reveals the label: a model has to
 follow the target across frames. Importing this module registers the builder:
 
-  import sparseformer_jax.data.synthetic_motion
+  import sparseformer_jax.data.embedded.synthetic_motion
   builder = tfds.builder('synthetic_motion/smoke', data_dir=...)
   builder.download_and_prepare()  # generates locally, no network
 
@@ -26,8 +26,8 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sparseformer_jax.data import shapes
-from sparseformer_jax.data.local_builder import LocallyGeneratedBuilder
+from sparseformer_jax.data.embedded import shapes
+from sparseformer_jax.data.embedded.local_builder import LocallyGeneratedBuilder
 
 _FRAME_NOISE_STD = 4.0  # per-frame pixel noise on top of the static background
 

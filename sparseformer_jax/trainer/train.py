@@ -21,19 +21,19 @@ from clu import periodic_actions
 from etils import epath
 from flax import traverse_util
 
-from sparseformer_jax import checkpointing
-from sparseformer_jax import config_validation
+from sparseformer_jax.trainer import checkpointing
+from sparseformer_jax.trainer import config_schema
 from sparseformer_jax import create_model
-from sparseformer_jax import metrics as metrics_lib
-from sparseformer_jax import optim
-from sparseformer_jax import preemption
-from sparseformer_jax import sharding
+from sparseformer_jax.trainer import metrics as metrics_lib
+from sparseformer_jax.trainer import optim
+from sparseformer_jax.trainer import preemption
+from sparseformer_jax.trainer import sharding
 from sparseformer_jax import token_intermediates
-from sparseformer_jax.sub_batches import apply_in_sub_batches
-from sparseformer_jax import visualize
-from sparseformer_jax import xla_cpu
+from sparseformer_jax.ops.sub_batches import apply_in_sub_batches
+from sparseformer_jax.analysis import visualize
+from sparseformer_jax.ops import xla_cpu
 from sparseformer_jax.data import input_pipeline
-from sparseformer_jax.models import inflate
+from sparseformer_jax.weights import inflate
 
 
 def _prepare_workdir(config, workdir: str) -> None:
@@ -45,7 +45,7 @@ def _prepare_workdir(config, workdir: str) -> None:
     probe.write_text('ok')
     probe.unlink()
   except OSError as e:
-    raise config_validation.ConfigError(
+    raise config_schema.ConfigError(
         f'The workdir {workdir} is not writable ({e}); pass a --workdir you can write to.'
     ) from e
   if jax.process_index() == 0:
@@ -59,10 +59,10 @@ def _build_model(config, num_classes: int):
     model = create_model(config.model.name, num_classes=num_classes, dtype=config.dtype,
                          drop_path_rate=config.model.drop_path_rate, **overrides)
   except (ValueError, TypeError) as e:
-    raise config_validation.ConfigError(
+    raise config_schema.ConfigError(
         f'config.model (name={config.model.name!r}, overrides={overrides}): {e}') from e
   if model.config.video != (config.input.num_frames > 0):
-    raise config_validation.ConfigError(
+    raise config_schema.ConfigError(
         f'config.input.num_frames={config.input.num_frames} does not fit a model with '
         f'video={model.config.video}: video models (config.model.overrides.video=True) take '
         'clips (num_frames > 0), image models take images (num_frames = 0).')
@@ -73,7 +73,7 @@ def _dataset_info(config) -> dict:
   try:
     return input_pipeline.get_dataset_info(config)
   except FileNotFoundError as e:
-    raise config_validation.ConfigError(f'config.dataset={config.dataset!r}: {e}') from e
+    raise config_schema.ConfigError(f'config.dataset={config.dataset!r}: {e}') from e
 
 
 def _schedule_steps(config, num_train_examples: int):
@@ -282,7 +282,7 @@ def _initial_state(config, workdir, checkpoints, init_state, abstract, shardings
     logging.info('Resuming from %s/%d.', checkpoints.directory, latest)
     return checkpoints.restore(latest, abstract)
   if config.eval_only and not config.init_from:
-    raise config_validation.ConfigError(
+    raise config_schema.ConfigError(
         f'config.eval_only needs weights: {workdir} has no checkpoint; set config.init_from.')
   state = jax.jit(init_state, out_shardings=shardings)()
   if config.init_from:
@@ -300,9 +300,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the last evaluation's metrics (val/top1, val/top5, ema_val/..., val/num_examples).
   """
-  config_validation.validate_config(config)
-  config_validation.check_against_devices(config, device_count=jax.device_count())
-  mismatch = config_validation.normalization_mismatch(config)
+  config_schema.validate_config(config)
+  config_schema.check_against_devices(config, device_count=jax.device_count())
+  mismatch = config_schema.normalization_mismatch(config)
   if mismatch:
     logging.warning(mismatch)
   _prepare_workdir(config, workdir)

@@ -165,7 +165,7 @@ def _check_fields(config, schema, prefix=''):
       hint = f' Did you mean {prefix}{close[0]}?' if close else ''
       raise ConfigError(
           f'config.{name} is not a known field.{hint} The known fields are listed, with their '
-          f'meaning, in sparseformer_jax/config_validation.py:base_config().')
+          f'meaning, in sparseformer_jax/trainer/config_schema.py:base_config().')
     if isinstance(schema[key], ml_collections.ConfigDict):
       if not isinstance(config[key], ml_collections.ConfigDict):
         raise ConfigError(f'config.{name} must be a ConfigDict of fields, got {config[key]!r}.')
@@ -176,7 +176,7 @@ def _check_fields(config, schema, prefix=''):
     if key not in config:
       raise ConfigError(
           f'config.{prefix}{key} is missing. Build configs from '
-          f'sparseformer_jax.config_validation.base_config() (its default is '
+          f'sparseformer_jax.trainer.config_schema.base_config() (its default is '
           f'{schema[key]!r}).')
 
 

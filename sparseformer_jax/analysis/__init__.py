@@ -1,0 +1,1 @@
+"""Analysis tools: token intermediates (RoIs, sampling points), pictures, profiles."""

@@ -1,0 +1,1 @@
+"""Dense baselines to compare SparseFormer against (ViT)."""

@@ -1,0 +1,1 @@
+"""The embedded datasets: generated locally by TFDS builders, nothing to download."""

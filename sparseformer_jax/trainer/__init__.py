@@ -1,0 +1,1 @@
+"""The trainer: train/eval loop, checkpoints, sharding, optimizer, metrics, preemption, config schema."""

@@ -1,0 +1,1 @@
+"""Weight I/O: official PyTorch checkpoints and image-to-video inflation."""
