@@ -1,7 +1,8 @@
 """Recipe pieces shared by the configs in this directory.
 
-Every field and its default (the ImageNet-1K recipe of SPEC §8) lives in
-sparseformer_jax/trainer/config_schema.py:base_config(); a config changes only what differs.
+Every field and its default (the official ImageNet-1K recipe, compared step for step with the
+official code in docs/recipe.md) lives in sparseformer_jax/trainer/config_schema.py:base_config();
+a config changes only what differs.
 """
 import ml_collections
 
@@ -13,7 +14,7 @@ SMOKE_MODEL = dict(conv_dim=16, num_tokens=9, num_points=4, focusing_width=32, f
 
 
 def imagenet_config(model_name: str, drop_path_rate: float, arg: str = ''):
-  """The SPEC §8 ImageNet-1K recipe for one variant; arg 'smoke' gives the smoke run."""
+  """The official ImageNet-1K recipe for one variant; arg 'smoke' gives the smoke run."""
   config = base_config()
   config.dataset = 'imagenet2012'
   config.model.name = model_name

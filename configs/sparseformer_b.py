@@ -1,4 +1,4 @@
-"""SparseFormer-B (sparseformer_v1_base) on ImageNet-1K, the recipe of SPEC §8.
+"""SparseFormer-B (sparseformer_v1_base) on ImageNet-1K, the official recipe (docs/recipe.md).
 
 Expected: top-1 82.6 (ema_val/top1 / val/top1 at epoch 300, 224 px).
 

@@ -1,12 +1,16 @@
-"""Batch Mixup / CutMix: soft targets, which pairs get mixed, and the mode switch."""
+"""Batch Mixup / CutMix: soft targets, which pairs get mixed, the mode switch, the groups."""
 
-import ml_collections
+import dataclasses
+
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from sparseformer_jax.data import mixup
+from sparseformer_jax.trainer.config_schema import base_config
 
 BATCH, CLASSES = 6, 10
+RECIPE = mixup.MixupConfig.from_config(base_config().input, CLASSES)
 
 
 def _batch():
@@ -16,7 +20,7 @@ def _batch():
 
 
 def _mix(seed, **fields):
-  cfg = mixup.MixupConfig(num_classes=CLASSES, **fields)
+  cfg = dataclasses.replace(RECIPE, **fields)
   images, targets = mixup.mix_batch(*_batch(), tf.constant([seed, 0]), cfg)
   return images.numpy(), targets.numpy()
 
@@ -25,10 +29,10 @@ def _partner(i):
   return BATCH - 1 - i
 
 
-def test_config_reads_input_fields_with_timm_defaults():
-  cfg = mixup.MixupConfig.from_config(ml_collections.ConfigDict({'cutmix': 0.0}), 7)
-  assert cfg == mixup.MixupConfig(num_classes=7, mixup_alpha=0.8, cutmix_alpha=0.0,
-                                  prob=1.0, switch_prob=0.5, label_smoothing=0.1)
+def test_config_reads_the_recipe_fields_of_config_input():
+  assert RECIPE == mixup.MixupConfig(num_classes=CLASSES, mixup_alpha=0.8, cutmix_alpha=1.0,
+                                     prob=1.0, switch_prob=0.5, label_smoothing=0.1,
+                                     group_size=128)
 
 
 def test_label_smoothing_only():
@@ -85,3 +89,32 @@ def test_mixing_is_a_pure_function_of_the_seed():
   first = _mix(11)
   np.testing.assert_array_equal(first[0], _mix(11)[0])
   assert not np.array_equal(first[0], _mix(12)[0])
+
+
+def _interleaved_batch(batch):
+  images = tf.broadcast_to(tf.range(batch, dtype=tf.float32)[:, None, None, None],
+                           [batch, 8, 8, 3])
+  return images, tf.range(batch)
+
+
+def test_groups_of_interleaved_rows_are_mixed_each_with_its_own_draw():
+  # Batch 8 in groups of 4: group 0 = rows 0, 2, 4, 6 and group 1 = rows 1, 3, 5, 7, as the
+  # official per-GPU batches take every G-th example of the repeated-augmentation order.
+  cfg = dataclasses.replace(RECIPE, cutmix_alpha=0.0, label_smoothing=0.0, group_size=4,
+                            num_classes=8)
+  lams = set()
+  for seed in range(4):
+    images, targets = mixup.mix_batch(*_interleaved_batch(8), tf.constant([seed, 1]), cfg)
+    for group in (0, 1):
+      rows = np.arange(group, 8, 2)
+      lam = targets[rows[0], rows[0]].numpy()
+      for row, partner in zip(rows, rows[::-1]):
+        np.testing.assert_allclose(images[row], lam * row + (1 - lam) * partner, atol=1e-5)
+      lams.add(round(float(lam), 6))
+  assert len(lams) == 8  # every group of every batch drew its own lambda
+
+
+def test_a_group_size_that_does_not_divide_the_batch_is_rejected():
+  assert mixup.num_groups(64, 128) == 1 and mixup.num_groups(1024, 128) == 8
+  with pytest.raises(ValueError, match='config.input.mixup_group_size=128 does not divide'):
+    mixup.num_groups(300, 128)

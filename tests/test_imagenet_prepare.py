@@ -15,14 +15,14 @@ import runpy
 import sys
 import tarfile
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from sparseformer_jax.data import augment
+from conftest import pipeline_config
 from sparseformer_jax.data import input_pipeline as ip
+from sparseformer_jax.models.config import IMAGENET_MEAN, IMAGENET_STD
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'prepare_data.py'
 IMAGENET_DIR = pathlib.Path(tfds.__file__).parent / 'datasets' / 'imagenet2012'
@@ -64,7 +64,7 @@ def _write_fake_imagenet(manual_dir: pathlib.Path, synsets: list[str]) -> None:
 
 
 def _example_ids(images):
-  red = images[..., 0] * augment.IMAGENET_STD[0] + augment.IMAGENET_MEAN[0]
+  red = images[..., 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
   return np.round((red.mean(axis=(1, 2)) * 255 - 10) / 20).astype(int)
 
 
@@ -90,10 +90,8 @@ def prepared(tmp_path_factory):
 
 
 def _config(data_dir):
-  return ml_collections.ConfigDict({
-      'seed': 0, 'dataset': 'imagenet2012', 'data_dir': os.fspath(data_dir),
-      'input': {'image_size': 32, 'augment': 'light', 'mixup': 0.0, 'cutmix': 0.0,
-                'label_smoothing': 0.0, 'shuffle_buffer': 16}})
+  return pipeline_config('imagenet2012', data_dir, 0, augment='light', mixup=0.0, cutmix=0.0,
+                         label_smoothing=0.0, shuffle_buffer=16)
 
 
 def test_prepare_data_builds_the_real_imagenet2012_splits(prepared):

@@ -2,13 +2,13 @@
 
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sparseformer_jax.data import augment
+from conftest import pipeline_config
 from sparseformer_jax.data import input_pipeline as ip
+from sparseformer_jax.models.config import IMAGENET_MEAN, IMAGENET_STD
 
 NUM_TRAIN, NUM_EVAL, NUM_CLASSES = 12, 10, 3
 
@@ -41,9 +41,8 @@ class DataPipelineTestImages(tfds.core.GeneratorBasedBuilder):
 
 
 def _config(data_dir, **input_fields):
-  return ml_collections.ConfigDict({
-      'seed': 3, 'dataset': 'data_pipeline_test_images', 'data_dir': os.fspath(data_dir),
-      'input': {'image_size': 32, 'shuffle_buffer': 32, **input_fields}})
+  return pipeline_config('data_pipeline_test_images', data_dir, 3,
+                         **{'shuffle_buffer': 32, **input_fields})
 
 
 def _plain_config(data_dir, **input_fields):
@@ -61,7 +60,7 @@ def data_dir(tmp_path_factory):
 
 def _example_ids(images):
   """Recovers example indices from the (normalised) red channel."""
-  red = images[..., 0] * augment.IMAGENET_STD[0] + augment.IMAGENET_MEAN[0]
+  red = images[..., 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
   return np.round((red.mean(axis=(1, 2)) * 255 - 10) / 20).astype(int)
 
 

@@ -3,21 +3,21 @@
 import importlib
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from sparseformer_jax.data import augment
+from conftest import pipeline_config
 from sparseformer_jax.data import input_pipeline as ip
+from sparseformer_jax.models.config import IMAGENET_MEAN, IMAGENET_STD
 
 NUM_TRAIN, NUM_EVAL, NUM_CLASSES = 8, 7, 3
 HEIGHT, WIDTH = 12, 16
 LENGTHS = (2, 7, 10, 13)       # frames of example i: LENGTHS[i % 4]
 NUM_FRAMES, STRIDE = 3, 2      # a clip spans 5 frames
 SIZE = 8
-MEAN, STD = np.array(augment.IMAGENET_MEAN), np.array(augment.IMAGENET_STD)
+MEAN, STD = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
 
 
 def _length(index):
@@ -69,11 +69,9 @@ class VideoPipelineTestClips(tfds.core.GeneratorBasedBuilder):
 
 
 def _config(data_dir, image_key='video', **input_fields):
-  return ml_collections.ConfigDict({
-      'seed': 5, 'dataset': 'video_pipeline_test_clips', 'data_dir': os.fspath(data_dir),
-      'image_key': image_key,
-      'input': {'image_size': SIZE, 'num_frames': NUM_FRAMES, 'temporal_stride': STRIDE,
-                'shuffle_buffer': 16, **input_fields}})
+  return pipeline_config('video_pipeline_test_clips', data_dir, 5, image_key,
+                         **{'image_size': SIZE, 'num_frames': NUM_FRAMES,
+                            'temporal_stride': STRIDE, 'shuffle_buffer': 16, **input_fields})
 
 
 def _plain_config(data_dir, **input_fields):

@@ -13,7 +13,8 @@ short side to round(image_size / crop_pct) -> centre crop -> normalise.
 Resizes are antialiased like PIL's.
 
 Reads config.input fields: image_size, augment, crop_pct, mean, std, scale,
-ratio, hflip, randaugment, color_jitter, reprob (see input_pipeline.py).
+ratio, hflip, randaugment, color_jitter, reprob (their meaning and defaults:
+trainer/config_schema.py base_config()).
 """
 
 import math
@@ -22,19 +23,10 @@ import tensorflow as tf
 
 from sparseformer_jax.data import randaugment
 
-AUGMENT_MODES = ('inception', 'light', 'none')
 CROP_ATTEMPTS = 10                # timm RandomResizedCrop tries before falling back
 ERASE_ATTEMPTS = 10               # timm RandomErasing tries
 ERASE_AREA = (0.02, 1.0 / 3.0)    # erased fraction of the image area
 ERASE_LOG_ASPECT = (math.log(0.3), math.log(1.0 / 0.3))
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def check_augment_mode(mode: str) -> None:
-  """Rejects an unknown config.input.augment with the valid choices."""
-  if mode not in AUGMENT_MODES:
-    raise ValueError(f'config.input.augment={mode!r}; expected one of {AUGMENT_MODES}.')
 
 
 # ------------------------------------------------------------ decode / resize
@@ -194,11 +186,6 @@ def random_erasing(image, seed, prob) -> tf.Tensor:
 
 # ----------------------------------------------------------------- transforms
 
-def _mean_std(input_config):
-  return (tuple(input_config.get('mean', IMAGENET_MEAN)),
-          tuple(input_config.get('std', IMAGENET_STD)))
-
-
 def resize_short_side(image, short_side) -> tf.Tensor:
   """torchvision Resize(int): short side -> `short_side`, long side int(long * ratio)."""
   shape = tf.shape(image)[-3:-1]
@@ -218,24 +205,24 @@ def center_crop(image, size) -> tf.Tensor:
 
 
 def eval_transform(image, input_config) -> tf.Tensor:
-  """Deterministic: resize short side to round(size / crop_pct), centre crop, normalise.
+  """Deterministic: resize short side to floor(size / crop_pct), centre crop, normalise.
 
+  floor as the official eval (int(256 / 224 * size)) and timm (floor(size / crop_pct)).
   Image -> (size, size, 3) float32; clip (T, H, W, 3) uint8 -> (T, size, size, 3).
   """
   size = input_config.image_size
-  resize_to = round(size / input_config.get('crop_pct', 0.875))
+  resize_to = math.floor(size / input_config.crop_pct)
   image = center_crop(resize_short_side(decode(image), resize_to), size)
-  return normalize(image, *_mean_std(input_config))
+  return normalize(image, input_config.mean, input_config.std)
 
 
 def _color_augment(image, seed, input_config) -> tf.Tensor:
   """RandAugment if configured, else colour jitter (timm disables jitter with RandAugment)."""
-  spec = input_config.get('randaugment', 'rand-m9-mstd0.5-inc1')
+  spec = input_config.randaugment
   if spec:
-    mean, _ = _mean_std(input_config)
-    fill = tuple(min(255, round(255 * m)) for m in mean)  # timm fills with the mean colour
+    fill = tuple(min(255, round(255 * m)) for m in input_config.mean)  # timm: the mean colour
     return randaugment.rand_augment(image, seed, randaugment.parse_randaugment(spec), fill)
-  strength = input_config.get('color_jitter', 0.4)
+  strength = input_config.color_jitter
   return color_jitter(image, seed, strength) if strength else image
 
 
@@ -244,20 +231,17 @@ def train_transform(image, seed, input_config) -> tf.Tensor:
 
   A clip (T, H, W, 3) uint8 -> (T, size, size, 3), the same augmentation on every frame.
   """
-  mode = input_config.get('augment', 'inception')
-  check_augment_mode(mode)
+  mode = input_config.augment  # 'inception' | 'light' | 'none', checked by the config schema
   if mode == 'none':
     return eval_transform(image, input_config)
   crop_seed, flip_seed, color_seed, erase_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 4))
   image = random_resized_crop(image, crop_seed, input_config.image_size,
-                              tuple(input_config.get('scale', (0.08, 1.0))),
-                              tuple(input_config.get('ratio', (3.0 / 4.0, 4.0 / 3.0))))
-  image = random_flip(image, flip_seed, input_config.get('hflip', 0.5))
+                              tuple(input_config.scale), tuple(input_config.ratio))
+  image = random_flip(image, flip_seed, input_config.hflip)
   if mode == 'inception':
     image = _each_frame(_color_augment, image, color_seed, input_config)
-  image = normalize(image, *_mean_std(input_config))
-  reprob = input_config.get('reprob', 0.25)
-  if mode == 'inception' and reprob > 0:
-    image = _each_frame(random_erasing, image, erase_seed, reprob)
+  image = normalize(image, input_config.mean, input_config.std)
+  if mode == 'inception' and input_config.reprob > 0:
+    image = _each_frame(random_erasing, image, erase_seed, input_config.reprob)
   return image

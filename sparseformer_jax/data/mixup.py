@@ -1,15 +1,18 @@
-"""Batch-level Mixup / CutMix with label smoothing (timm's Mixup, mode='batch').
+"""Batch-level Mixup / CutMix with label smoothing (timm's Mixup, mode='batch'), per group.
 
-One (lambda, mixup-or-cutmix) draw per batch: with probability `prob` the batch
-is mixed with its reverse (example i with example B-1-i). CutMix is chosen
-with probability `switch_prob` when both alphas are positive; its lambda is
-corrected to the pasted box's true area. Labels become label-smoothed one-hot
-vectors mixed with the same lambda, so every target row sums to 1. All draws
-come from an explicit seed (stateless), so a batch's mix is a pure function of
-(images, labels, seed).
+The official recipe mixes each GPU's batch of 128 on its own; here a host's batch is split into
+groups of input.mixup_group_size interleaved rows (group g = rows g, g + G, ...; the copies of a
+repeated-augmentation image, which sit next to each other, land in different groups, as the
+official sampler puts them on different GPUs). Each group draws its own (lambda,
+mixup-or-cutmix): with probability `prob` the group is mixed with its reverse (example i with
+example n-1-i). CutMix is chosen with probability `switch_prob` when both alphas are positive;
+its box has a uniform centre, is clipped to the image, and lambda is corrected to the pasted
+box's true area. Labels become label-smoothed one-hot vectors mixed with the same lambda, so
+every target row sums to 1. All draws come from an explicit seed (stateless), so a batch's mix
+is a pure function of (images, labels, seed).
 
-Reads config.input fields: mixup, cutmix, mixup_prob, mixup_switch_prob,
-label_smoothing (see input_pipeline.py).
+Reads config.input fields: mixup, cutmix, mixup_prob, mixup_switch_prob, label_smoothing,
+mixup_group_size (their meaning and defaults: trainer/config_schema.py base_config()).
 """
 
 import dataclasses
@@ -20,29 +23,29 @@ import tensorflow as tf
 
 @dataclasses.dataclass(frozen=True)
 class MixupConfig:
+  """The mixing fields of config.input, and the class count."""
   num_classes: int
-  mixup_alpha: float = 0.8
-  cutmix_alpha: float = 1.0
-  prob: float = 1.0
-  switch_prob: float = 0.5
-  label_smoothing: float = 0.1
+  mixup_alpha: float
+  cutmix_alpha: float
+  prob: float
+  switch_prob: float
+  label_smoothing: float
+  group_size: int
 
   @classmethod
   def from_config(cls, input_config, num_classes: int) -> 'MixupConfig':
-    """Reads the mixup fields of config.input (timm/DeiT defaults when absent)."""
-    defaults = cls(num_classes)
-    return cls(
-        num_classes=num_classes,
-        mixup_alpha=input_config.get('mixup', defaults.mixup_alpha),
-        cutmix_alpha=input_config.get('cutmix', defaults.cutmix_alpha),
-        prob=input_config.get('mixup_prob', defaults.prob),
-        switch_prob=input_config.get('mixup_switch_prob', defaults.switch_prob),
-        label_smoothing=input_config.get('label_smoothing', defaults.label_smoothing))
+    return cls(num_classes=num_classes, mixup_alpha=input_config.mixup,
+               cutmix_alpha=input_config.cutmix, prob=input_config.mixup_prob,
+               switch_prob=input_config.mixup_switch_prob,
+               label_smoothing=input_config.label_smoothing,
+               group_size=input_config.mixup_group_size)
 
 
 class MixParams(NamedTuple):
-  lam: tf.Tensor         # float32 scalar, weight of the un-flipped batch
+  """How one group is mixed."""
+  lam: tf.Tensor         # float32 scalar, weight of the un-flipped group (before box correction)
   use_cutmix: tf.Tensor  # bool scalar
+  center: tf.Tensor      # int32 (2,): the CutMix box centre (row, column)
 
 
 def smooth_one_hot(labels, num_classes: int, smoothing: float) -> tf.Tensor:
@@ -57,12 +60,15 @@ def _beta(seed, alpha: float) -> tf.Tensor:
   return g[0] / (g[0] + g[1])
 
 
-def sample_mix_params(seed, cfg: MixupConfig) -> MixParams:
-  """Decides whether and how to mix one batch (timm's _params_per_batch)."""
-  apply_seed, switch_seed, mixup_seed, cutmix_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 4))
+def sample_mix_params(seed, cfg: MixupConfig, height: int, width: int) -> MixParams:
+  """Decides whether and how to mix one group (timm's _params_per_batch and rand_bbox's centre)."""
+  apply_seed, switch_seed, mixup_seed, cutmix_seed, center_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 5))
+  center = tf.stack([tf.random.stateless_uniform([], s, 0, side, dtype=tf.int32) for s, side in
+                    zip(tf.unstack(tf.random.experimental.stateless_split(center_seed, 2)),
+                        (height, width))])
   if cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
-    return MixParams(tf.constant(1.0), tf.constant(False))
+    return MixParams(tf.constant(1.0), tf.constant(False), center)
   if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
     use_cutmix = tf.random.stateless_uniform([], switch_seed) < cfg.switch_prob
   else:
@@ -71,30 +77,28 @@ def sample_mix_params(seed, cfg: MixupConfig) -> MixParams:
   cutmix_lam = _beta(cutmix_seed, cfg.cutmix_alpha) if cfg.cutmix_alpha > 0 else 1.0
   apply = tf.random.stateless_uniform([], apply_seed) < cfg.prob
   lam = tf.where(apply, tf.where(use_cutmix, cutmix_lam, mixup_lam), 1.0)
-  return MixParams(tf.cast(lam, tf.float32), use_cutmix & apply)
+  return MixParams(tf.cast(lam, tf.float32), use_cutmix & apply, center)
 
 
-def cutmix_box(seed, height: int, width: int, lam) -> tuple[tf.Tensor, tf.Tensor]:
-  """Box of area ~(1 - lam) at a uniform centre, clipped to the image.
+def cutmix_box(center, height: int, width: int, lam) -> tuple[tf.Tensor, tf.Tensor]:
+  """The box of side fractions sqrt(1 - lam) about `center`, clipped to the image (timm).
 
-  Returns ((top, bottom, left, right) int32, lam corrected to 1 - box area).
+  Returns ((top, bottom, left, right) int32, lam corrected to 1 - box area / image area).
   """
-  cy_seed, cx_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  cut_ratio = tf.sqrt(1.0 - lam)
+  cut_ratio = tf.sqrt(1.0 - tf.cast(lam, tf.float32))
   cut_h = tf.cast(height * cut_ratio, tf.int32)
   cut_w = tf.cast(width * cut_ratio, tf.int32)
-  cy = tf.random.stateless_uniform([], cy_seed, 0, height, dtype=tf.int32)
-  cx = tf.random.stateless_uniform([], cx_seed, 0, width, dtype=tf.int32)
+  cy, cx = tf.unstack(tf.cast(center, tf.int32))
   top, bottom = (tf.clip_by_value(v, 0, height) for v in (cy - cut_h // 2, cy + cut_h // 2))
   left, right = (tf.clip_by_value(v, 0, width) for v in (cx - cut_w // 2, cx + cut_w // 2))
   area = tf.cast((bottom - top) * (right - left), tf.float32)
   return tf.stack([top, bottom, left, right]), 1.0 - area / float(height * width)
 
 
-def _cutmix(images, flipped, seed, lam):
-  """Pastes the same box of `flipped` into every image; returns (images, lam)."""
+def _cutmix(images, flipped, center, lam):
+  """Pastes the same box of `flipped` into every image; returns (images, corrected lam)."""
   _, height, width, _ = images.shape
-  box, lam = cutmix_box(seed, height, width, lam)
+  box, lam = cutmix_box(center, height, width, lam)
   top, bottom, left, right = tf.unstack(box)
   rows = tf.range(height)[:, None]
   cols = tf.range(width)[None, :]
@@ -102,14 +106,44 @@ def _cutmix(images, flipped, seed, lam):
   return tf.where(inside[None, :, :, None], flipped, images), lam
 
 
-def mix_batch(images, labels, seed, cfg: MixupConfig):
-  """images (B, H, W, C) float32, labels (B,) int -> (mixed images, soft targets (B, K))."""
-  params_seed, box_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  lam, use_cutmix = sample_mix_params(params_seed, cfg)
+def mix_group(images, labels, params: MixParams, cfg: MixupConfig):
+  """One group as timm's Mixup(mode='batch') mixes a batch with `params`.
+
+  images (n, H, W, C) float32, labels (n,) int -> (mixed images, soft targets (n, K)).
+  """
   flipped = tf.reverse(images, axis=[0])
   images, lam = tf.cond(
-      use_cutmix,
-      lambda: _cutmix(images, flipped, box_seed, lam),
-      lambda: (lam * images + (1.0 - lam) * flipped, lam))
+      params.use_cutmix,
+      lambda: _cutmix(images, flipped, params.center, params.lam),
+      lambda: (params.lam * images + (1.0 - params.lam) * flipped, params.lam))
   targets = smooth_one_hot(labels, cfg.num_classes, cfg.label_smoothing)
   return images, lam * targets + (1.0 - lam) * tf.reverse(targets, axis=[0])
+
+
+def num_groups(batch_size: int, group_size: int) -> int:
+  """G: the batch is one group if it is not larger than group_size, else it splits evenly."""
+  if batch_size <= group_size:
+    return 1
+  if batch_size % group_size:
+    raise ValueError(
+        f'config.input.mixup_group_size={group_size} does not divide the per-host batch of '
+        f'{batch_size}: set it to a divisor of the batch (the official recipe mixes groups of '
+        '128), or to the batch itself.')
+  return batch_size // group_size
+
+
+def mix_batch(images, labels, seed, cfg: MixupConfig):
+  """images (B, H, W, C) float32, labels (B,) int -> (mixed images, soft targets (B, K)).
+
+  Group g (rows g, g + G, ...) is mixed on its own, with its own draws.
+  """
+  batch, height, width = images.shape[:3]
+  groups = num_groups(batch, cfg.group_size)
+  images = tf.reshape(images, [batch // groups, groups, *images.shape[1:]])  # group g: [:, g]
+  labels = tf.reshape(labels, [batch // groups, groups])
+  seeds = tf.random.experimental.stateless_split(seed, groups)
+  mixed = [mix_group(images[:, g], labels[:, g],
+                     sample_mix_params(seeds[g], cfg, height, width), cfg)
+           for g in range(groups)]
+  return (tf.reshape(tf.stack([m[0] for m in mixed], axis=1), [batch, *images.shape[2:]]),
+          tf.reshape(tf.stack([m[1] for m in mixed], axis=1), [batch, cfg.num_classes]))

@@ -62,8 +62,9 @@ def parse_randaugment(spec: str) -> RandAugmentSpec:
     fields[_SPEC_KEYS[key]] = float(part[len(key):])
   if 'magnitude' not in fields:
     raise ValueError(f"RandAugment spec {spec!r} needs a magnitude, e.g. 'm9'.")
-  fields['increasing'] = bool(fields.get('increasing', 0.0))
-  fields['num_layers'] = int(fields.get('num_layers', 2))
+  for key, kind in (('increasing', bool), ('num_layers', int)):
+    if key in fields:
+      fields[key] = kind(fields[key])
   return RandAugmentSpec(**fields)
 
 

@@ -33,10 +33,9 @@ RandAugment / colour-jitter / erasing seed per clip shared by all its frames;
 Mixup / CutMix mix whole clips (a CutMix box covers the same pixels of every
 frame).
 
-Config fields read here (the others are input_pipeline.py's):
-  input.num_frames       T, frames per clip; > 0 selects this video path.
-  input.temporal_stride  frames between consecutive clip frames; 1.
-  input.eval_views       V, evenly spaced clips per eval video; 1.
+Config fields read here: input.num_frames (T, frames per clip; > 0 selects this
+video path), input.temporal_stride and input.eval_views (V); their defaults:
+trainer/config_schema.py base_config().
 """
 
 import numpy as np
@@ -51,7 +50,7 @@ FEATURE_DESCRIPTION = 'Video or uint8 Tensor (L, H, W, 3)'
 
 def is_video(input_config) -> bool:
   """Whether config.input asks for video clips (num_frames > 0) rather than images."""
-  return input_config.get('num_frames', 0) > 0
+  return input_config.num_frames > 0
 
 
 def is_video_feature(feature) -> bool:
@@ -60,23 +59,6 @@ def is_video_feature(feature) -> bool:
     return feature.np_dtype == np.uint8
   return (isinstance(feature, tfds.features.Tensor) and feature.np_dtype == np.uint8
           and len(feature.shape) == 4 and feature.shape[-1] == 3)
-
-
-def _clip_settings(input_config) -> tuple[int, int]:
-  """(num_frames, temporal_stride) of config.input, checked."""
-  num_frames = input_config.num_frames
-  stride = input_config.get('temporal_stride', 1)
-  if stride < 1:
-    raise ValueError(f'config.input.temporal_stride={stride} must be >= 1.')
-  return num_frames, stride
-
-
-def _eval_views(input_config) -> int:
-  """V = config.input.eval_views, checked."""
-  views = input_config.get('eval_views', 1)
-  if views < 1:
-    raise ValueError(f'config.input.eval_views={views} must be >= 1.')
-  return views
 
 
 def clip_span(num_frames: int, stride: int) -> int:
@@ -116,7 +98,7 @@ def _frames(video, indices) -> tf.Tensor:
 
 def train_transform(video, seed, input_config) -> tf.Tensor:
   """Video + seed (2,) -> (T, size, size, 3) float32: a random clip, one augmentation."""
-  num_frames, stride = _clip_settings(input_config)
+  num_frames, stride = input_config.num_frames, input_config.temporal_stride
   time_seed, space_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   length = tf.shape(video)[0]
   start = random_start(time_seed, length, clip_span(num_frames, stride))
@@ -126,8 +108,8 @@ def train_transform(video, seed, input_config) -> tf.Tensor:
 
 def eval_transform(video, input_config) -> tf.Tensor:
   """Video -> centred clip (T, size, size, 3), or (V, T, size, size, 3) for eval_views V > 1."""
-  num_frames, stride = _clip_settings(input_config)
-  views = _eval_views(input_config)
+  num_frames, stride = input_config.num_frames, input_config.temporal_stride
+  views = input_config.eval_views
   length = tf.shape(video)[0]
   starts = view_starts(length, clip_span(num_frames, stride), views)
   indices = clip_indices(starts, length, num_frames, stride)             # (V, T)

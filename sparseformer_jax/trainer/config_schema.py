@@ -1,7 +1,8 @@
 """What a training config may contain, and the checks that run before anything compiles.
 
 `base_config()` is the schema: every field the trainer and the input pipeline read, with its
-default (the ImageNet-1K recipe of SPEC §8) and its meaning. Experiment configs start from it and
+default (the official ImageNet-1K recipe, docs/recipe.md) and its meaning: the only place a
+default lives (the data and training code read the fields, with no fallbacks of their own). Experiment configs start from it and
 change what differs. `validate_config` rejects unknown or missing fields and bad values with a
 message that names the field and the fix; `check_against_devices` does the same for the batch
 sizes and the mesh once the device count is known.
@@ -15,11 +16,14 @@ import ml_collections
 from ml_collections import config_dict
 
 from sparseformer_jax import NORMALIZATION, SparseFormerConfig
+from sparseformer_jax.models.config import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ConfigError(ValueError):
   """A config field has a value the trainer cannot use; the message names the field and the fix."""
 
+
+AUGMENT_MODES = ('inception', 'light', 'none')  # config.input.augment
 
 # Model fields that the trainer sets from other config fields.
 _MODEL_FIELDS_SET_BY_TRAINER = ('num_classes', 'drop_path_rate', 'dtype')
@@ -44,7 +48,7 @@ def model_overrides() -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every known field with its default (SPEC §8 recipe, sparseformer_v1_tiny, ImageNet-1K)."""
+  """Every known field with its default (the official recipe: SF-T on ImageNet-1K)."""
   c = ml_collections.ConfigDict()
   c.seed = 0                          # model init, dropout (fold_in(key, step)) and data order
   c.dataset = 'imagenet2012'          # a TFDS name, e.g. 'synthetic_objects/smoke'
@@ -56,25 +60,30 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.input = ml_collections.ConfigDict()
   c.input.image_size = 224            # train crop and eval crop side, pixels
-  c.input.crop_pct = 0.875            # eval: resize to image_size / crop_pct, then center crop
-  c.input.mean = (0.485, 0.456, 0.406)  # normalization, 0..1 units
-  c.input.std = (0.229, 0.224, 0.225)
-  c.input.scale = (0.08, 1.0)         # inception crop area range
-  c.input.ratio = (3 / 4, 4 / 3)      # inception crop aspect range
+  c.input.crop_pct = 0.875            # eval: short side to floor(image_size / crop_pct), then
+                                      # the centre crop (224: 256 -> 224)
+  c.input.mean = IMAGENET_MEAN        # normalization, 0..1 units
+  c.input.std = IMAGENET_STD
+  c.input.scale = (0.08, 1.0)         # random-resized crop area range ('inception', 'light')
+  c.input.ratio = (3 / 4, 4 / 3)      # random-resized crop aspect range
   c.input.hflip = 0.5                 # horizontal flip probability
-  c.input.augment = 'inception'       # 'inception' | 'light' | 'none'
-  c.input.randaugment = 'rand-m9-mstd0.5-inc1'  # timm spec, '' = off
-  c.input.color_jitter = 0.4          # used only when randaugment is ''
-  c.input.reprob = 0.25               # random erasing probability (per-pixel noise)
-  c.input.mixup = 0.8                 # mixup alpha, 0 = off
+  c.input.augment = 'inception'       # 'inception' (crop, flip, colour, erasing) | 'light' (crop,
+                                      # flip) | 'none' (the eval transform)
+  c.input.randaugment = 'rand-m9-mstd0.5-inc1'  # timm spec, '' = off ('inception' only)
+  c.input.color_jitter = 0.4          # used only when randaugment is '' ('inception' only)
+  c.input.reprob = 0.25               # random erasing probability, per-pixel noise ('inception')
+  c.input.mixup = 0.8                 # mixup alpha, 0 = off (mixing acts in every augment mode)
   c.input.cutmix = 1.0                # cutmix alpha, 0 = off
-  c.input.mixup_prob = 1.0            # probability that a batch is mixed at all
+  c.input.mixup_prob = 1.0            # probability that a group is mixed at all
   c.input.mixup_switch_prob = 0.5     # probability of cutmix instead of mixup
+  c.input.mixup_group_size = 128      # each group of this many examples of a host's batch gets
+                                      # its own mix (the official per-GPU batch); a batch not
+                                      # larger than it is one group
   c.input.label_smoothing = 0.1       # targets are smoothed soft labels
   c.input.repeated_aug = 3            # repeated augmentation count, 1 = off
-  c.input.shuffle_buffer = 50_000
+  c.input.shuffle_buffer = 50_000     # records in the train shuffle buffer
   c.input.prefetch = 2                # batches prefetched on the host
-  c.input.cache = False               # cache decoded examples in memory
+  c.input.cache = False               # cache decoded examples in memory (small datasets)
   c.input.num_frames = 0              # > 0: video clips of this many frames (video models)
   c.input.temporal_stride = 1         # video: frames between consecutive clip frames
   c.input.eval_views = 1              # video: clips per eval video, their logits averaged
@@ -137,11 +146,12 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     'dtype': ('float32', 'bfloat16'),
     'nan_policy': ('raise', 'skip'),
-    'input.augment': ('inception', 'light', 'none'),
+    'input.augment': AUGMENT_MODES,
 }
 _POSITIVE = ('global_batch_size', 'eval_batch_size', 'sub_batches', 'log_every_steps', 'keep_checkpoints',
              'optimizer.accum_steps', 'optimizer.lr_base_batch_size', 'input.image_size',
-             'profile.num_steps', 'input.temporal_stride', 'input.eval_views')
+             'profile.num_steps', 'input.temporal_stride', 'input.eval_views',
+             'input.mixup_group_size')
 _NON_NEGATIVE = ('checkpoint_every_steps', 'warmup_epochs', 'optimizer.base_lr',
                  'optimizer.warmup_lr', 'optimizer.min_lr', 'optimizer.weight_decay',
                  'optimizer.grad_clip_norm', 'model.drop_path_rate', 'input.num_frames',

@@ -1,4 +1,4 @@
-"""The SPEC §8 optimizer: lr schedule, AdamW with its no-decay mask, grad clip, EMA of params."""
+"""The ImageNet recipe's optimizer (docs/recipe.md): lr schedule, AdamW with its no-decay mask, grad clip, EMA of params."""
 import jax
 import jax.numpy as jnp
 import optax
@@ -6,17 +6,25 @@ import optax
 
 def learning_rate_schedule(opt_config, *, global_batch_size: int, total_steps: int,
                            warmup_steps: int) -> optax.Schedule:
-  """Per-step lr: linear warm-up from warmup_lr, then cosine to min_lr at total_steps.
+  """The lr of update number `count` (0, 1, ...), as the official recipe sets it.
 
-  All three lrs are scaled by global_batch_size / lr_base_batch_size (the linear scaling rule).
+  The curve is timm's CosineLRScheduler(t_initial=total_steps, warmup_t=warmup_steps,
+  warmup_lr_init=warmup_lr, lr_min=min_lr, warmup_prefix=False): lr(t) rises linearly from
+  warmup_lr for t < warmup_steps, then is the cosine from base_lr at t = 0 to min_lr at
+  t = total_steps, i.e. the cosine spans ALL steps and is not shifted by the warm-up. The official
+  loop sets the lr for the next update after each one (step_update(t) after update t), so update
+  k >= 1 uses lr(k - 1) and update 0 uses warmup_lr. All three lrs are scaled by
+  global_batch_size (the examples of one update, every micro-batch included) / lr_base_batch_size.
   """
   scale = global_batch_size / opt_config.lr_base_batch_size
-  return optax.warmup_cosine_decay_schedule(
-      init_value=opt_config.warmup_lr * scale,
-      peak_value=opt_config.base_lr * scale,
-      warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, warmup_steps + 1),
-      end_value=opt_config.min_lr * scale)
+  base, warmup_lr, min_lr = (scale * opt_config[k] for k in ('base_lr', 'warmup_lr', 'min_lr'))
+
+  def schedule(count):
+    t = jnp.maximum(jnp.asarray(count, jnp.float32) - 1.0, 0.0)
+    rising = warmup_lr + t * (base - warmup_lr) / max(warmup_steps, 1)
+    cosine = min_lr + 0.5 * (base - min_lr) * (1.0 + jnp.cos(jnp.pi * t / total_steps))
+    return jnp.where(t < warmup_steps, rising, jnp.where(t < total_steps, cosine, min_lr))
+  return schedule
 
 
 def weight_decay_mask(params):

@@ -77,13 +77,16 @@ def _dataset_info(config) -> dict:
 
 
 def _schedule_steps(config, num_train_examples: int):
-  """(total steps, warm-up steps, eval interval in steps; 0 = only at the end)."""
-  steps_per_epoch = num_train_examples / config.global_batch_size
+  """(total steps, warm-up steps, eval interval in steps; 0 = only at the end).
+
+  As the official loop counts them: an epoch is floor(N / global batch) steps (its sampler and
+  drop_last), and the schedule lengths are int(epochs * steps per epoch).
+  """
+  steps_per_epoch = max(num_train_examples // config.global_batch_size, 1)
   total = (config.num_train_steps if config.num_train_steps > 0
-           else math.ceil(config.num_epochs * steps_per_epoch))
-  warmup = round(config.warmup_epochs * steps_per_epoch)
-  eval_every = (math.ceil(steps_per_epoch) if config.eval_every_steps == -1
-                else config.eval_every_steps)
+           else int(config.num_epochs * steps_per_epoch))
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+  eval_every = steps_per_epoch if config.eval_every_steps == -1 else config.eval_every_steps
   return total, warmup, eval_every
 
 
