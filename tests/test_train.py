@@ -47,17 +47,6 @@ def test_weight_decay_mask_spares_vectors_and_initial_roi(micro):
       assert decays == (len(shapes[key]) > 1), key
 
 
-def test_schedule_warms_up_from_warmup_lr_then_cosine_to_min_lr(micro):
-  opt = micro['config'].optimizer
-  scale = 16 / opt.lr_base_batch_size
-  schedule = micro['schedule']
-  np.testing.assert_allclose(schedule(0), opt.warmup_lr * scale, rtol=1e-4)
-  np.testing.assert_allclose(schedule(2), (opt.warmup_lr + opt.base_lr) / 2 * scale, rtol=1e-4)
-  np.testing.assert_allclose(schedule(4), opt.base_lr * scale, rtol=1e-4)
-  np.testing.assert_allclose(schedule(8), (opt.base_lr + opt.min_lr) / 2 * scale, rtol=1e-4)
-  np.testing.assert_allclose(schedule(12), opt.min_lr * scale, rtol=1e-4)
-
-
 def _step_fn(micro, config):
   return jax.jit(train.make_train_step(micro['model'], micro['tx'], micro['schedule'], config,
                                        micro['mesh']))
