@@ -16,6 +16,7 @@ import tensorflow as tf
 import torch
 
 from sparseformer_jax.data import mixup
+from sparseformer_jax.data import randaugment
 from sparseformer_jax.trainer.metrics import soft_target_cross_entropy
 from sparseformer_jax.trainer import optim
 from sparseformer_jax.trainer import train
@@ -169,3 +170,36 @@ def test_smoothed_targets_give_timms_label_smoothing_cross_entropy():
   want = np.mean((1 - s) * -logp[np.arange(5), labels] + s * -logp.mean(-1))
   targets = mixup.smooth_one_hot(tf.constant(labels), 10, s).numpy()
   np.testing.assert_allclose(soft_target_cross_entropy(logits, targets), want, rtol=1e-5)
+
+
+def timm_level_to_arg(name, level, negate):
+  """timm/data/auto_augment.py LEVEL_TO_ARG (the *_level_to_arg functions, _MAX_LEVEL = 10,
+  translate_pct 0.45), with _randomly_negate's coin given as `negate`."""
+  sign = -1.0 if negate else 1.0
+  table = {
+      'Rotate': sign * level / 10 * 30, 'ShearX': sign * level / 10 * 0.3,
+      'ShearY': sign * level / 10 * 0.3, 'TranslateXRel': sign * level / 10 * 0.45,
+      'TranslateYRel': sign * level / 10 * 0.45,
+      'PosterizeIncreasing': 4 - int(level / 10 * 4),
+      'SolarizeIncreasing': 256 - int(level / 10 * 256), 'SolarizeAdd': int(level / 10 * 110)}
+  for enhance in ('Color', 'Contrast', 'Brightness', 'Sharpness'):
+    table[enhance + 'Increasing'] = 1.0 + sign * level / 10 * 0.9
+  return table.get(name, 0.0)  # AutoContrast, Equalize, Invert take no argument
+
+
+def test_randaugment_ops_and_their_arguments_are_timms_increasing_set():
+  """timm/data/auto_augment.py _RAND_INCREASING_TRANSFORMS ('inc1'), in its order."""
+  spec = randaugment.parse_randaugment('rand-m9-mstd0.5-inc1')
+  assert spec == randaugment.RandAugmentSpec(magnitude=9.0, num_layers=2, magnitude_std=0.5,
+                                             increasing=True, prob=0.5)
+  assert randaugment.op_names(spec) == (
+      'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
+      'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
+      'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel',
+      'TranslateYRel')
+  for op in randaugment._ops(spec.increasing):  # pylint: disable=protected-access
+    for level in (0.0, 3.7, 9.0, 9.6, 10.0):
+      for negate in (False, True):
+        got = op.argument(tf.constant(level), tf.constant(negate))
+        np.testing.assert_allclose(got, timm_level_to_arg(op.name, level, negate), rtol=1e-6,
+                                   atol=1e-6, err_msg=f'{op.name} at {level}')
