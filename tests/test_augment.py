@@ -116,3 +116,10 @@ def test_normalize_uses_unit_interval_mean_and_std():
 def test_resize_short_side_truncates_the_long_side_like_torchvision():
   out = augment.resize_short_side(tf.zeros([375, 500, 3], tf.uint8), 256)
   assert out.shape == (256, math.floor(256 * 500 / 375), 3)
+
+
+def test_an_unknown_augment_mode_is_rejected_by_the_schema():
+  config = config_schema.base_config()
+  config.input.augment = 'heavy'
+  with pytest.raises(config_schema.ConfigError, match="config.input.augment='heavy' is not one"):
+    config_schema.validate_config(config)

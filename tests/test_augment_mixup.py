@@ -3,7 +3,6 @@
 import dataclasses
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from sparseformer_jax.data import mixup
@@ -114,7 +113,12 @@ def test_groups_of_interleaved_rows_are_mixed_each_with_its_own_draw():
   assert len(lams) == 8  # every group of every batch drew its own lambda
 
 
-def test_a_group_size_that_does_not_divide_the_batch_is_rejected():
-  assert mixup.num_groups(64, 128) == 1 and mixup.num_groups(1024, 128) == 8
-  with pytest.raises(ValueError, match='config.input.mixup_group_size=128 does not divide'):
-    mixup.num_groups(300, 128)
+def test_a_batch_that_is_no_multiple_of_the_group_size_splits_into_interleaved_groups():
+  # Batch 7 in groups of 3: 2 groups, rows 0, 2, 4, 6 and rows 1, 3, 5.
+  cfg = dataclasses.replace(RECIPE, cutmix_alpha=0.0, label_smoothing=0.0, group_size=3,
+                            num_classes=7)
+  images, targets = mixup.mix_batch(*_interleaved_batch(7), tf.constant([0, 2]), cfg)
+  for rows in (np.arange(0, 7, 2), np.arange(1, 7, 2)):
+    lam = targets[rows[0], rows[0]].numpy()
+    for row, partner in zip(rows, rows[::-1]):
+      np.testing.assert_allclose(images[row], lam * row + (1 - lam) * partner, atol=1e-5)

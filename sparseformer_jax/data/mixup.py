@@ -1,11 +1,11 @@
 """Batch-level Mixup / CutMix with label smoothing (timm's Mixup, mode='batch'), per group.
 
-The official recipe mixes each GPU's batch of 128 on its own; here a host's batch is split into
-groups of input.mixup_group_size interleaved rows (group g = rows g, g + G, ...; the copies of a
-repeated-augmentation image, which sit next to each other, land in different groups, as the
-official sampler puts them on different GPUs). Each group draws its own (lambda,
-mixup-or-cutmix): with probability `prob` the group is mixed with its reverse (example i with
-example n-1-i). CutMix is chosen with probability `switch_prob` when both alphas are positive;
+The official recipe mixes each GPU's batch of 128 on its own; here a host's batch of B is split
+into G = max(B // input.mixup_group_size, 1) groups of interleaved rows (group g = rows g, g + G,
+...): the copies of a repeated-augmentation image, which sit next to each other, land in
+different groups, as the official sampler puts them on different GPUs. Each group draws its own
+(lambda, mixup-or-cutmix): with probability `prob` the group is mixed with its reverse (example i
+with example n-1-i). CutMix is chosen with probability `switch_prob` when both alphas are positive;
 its box has a uniform centre, is clipped to the image, and lambda is corrected to the pasted
 box's true area. Labels become label-smoothed one-hot vectors mixed with the same lambda, so
 every target row sums to 1. All draws come from an explicit seed (stateless), so a batch's mix
@@ -120,30 +120,19 @@ def mix_group(images, labels, params: MixParams, cfg: MixupConfig):
   return images, lam * targets + (1.0 - lam) * tf.reverse(targets, axis=[0])
 
 
-def num_groups(batch_size: int, group_size: int) -> int:
-  """G: the batch is one group if it is not larger than group_size, else it splits evenly."""
-  if batch_size <= group_size:
-    return 1
-  if batch_size % group_size:
-    raise ValueError(
-        f'config.input.mixup_group_size={group_size} does not divide the per-host batch of '
-        f'{batch_size}: set it to a divisor of the batch (the official recipe mixes groups of '
-        '128), or to the batch itself.')
-  return batch_size // group_size
-
-
 def mix_batch(images, labels, seed, cfg: MixupConfig):
   """images (B, H, W, C) float32, labels (B,) int -> (mixed images, soft targets (B, K)).
 
-  Group g (rows g, g + G, ...) is mixed on its own, with its own draws.
+  G = max(B // group_size, 1) groups; group g (rows g, g + G, ...) is mixed on its own, with its
+  own draws.
   """
   batch, height, width = images.shape[:3]
-  groups = num_groups(batch, cfg.group_size)
-  images = tf.reshape(images, [batch // groups, groups, *images.shape[1:]])  # group g: [:, g]
-  labels = tf.reshape(labels, [batch // groups, groups])
+  groups = max(batch // cfg.group_size, 1)
   seeds = tf.random.experimental.stateless_split(seed, groups)
-  mixed = [mix_group(images[:, g], labels[:, g],
+  mixed = [mix_group(images[g::groups], labels[g::groups],
                      sample_mix_params(seeds[g], cfg, height, width), cfg)
            for g in range(groups)]
-  return (tf.reshape(tf.stack([m[0] for m in mixed], axis=1), [batch, *images.shape[2:]]),
-          tf.reshape(tf.stack([m[1] for m in mixed], axis=1), [batch, cfg.num_classes]))
+  rows = [tf.range(g, batch, groups) for g in range(groups)]
+  return (tf.ensure_shape(tf.dynamic_stitch(rows, [m[0] for m in mixed]), images.shape),
+          tf.ensure_shape(tf.dynamic_stitch(rows, [m[1] for m in mixed]),
+                          [batch, cfg.num_classes]))

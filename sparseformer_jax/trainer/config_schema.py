@@ -76,9 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.cutmix = 1.0                # cutmix alpha, 0 = off
   c.input.mixup_prob = 1.0            # probability that a group is mixed at all
   c.input.mixup_switch_prob = 0.5     # probability of cutmix instead of mixup
-  c.input.mixup_group_size = 128      # each group of this many examples of a host's batch gets
-                                      # its own mix (the official per-GPU batch); a batch not
-                                      # larger than it is one group
+  c.input.mixup_group_size = 128      # a host's batch of B mixes as max(B // this, 1) groups,
+                                      # each with its own draw (the official per-GPU batch)
   c.input.label_smoothing = 0.1       # targets are smoothed soft labels
   c.input.repeated_aug = 3            # repeated augmentation count, 1 = off
   c.input.shuffle_buffer = 50_000     # records in the train shuffle buffer
