@@ -28,7 +28,11 @@ def learning_rate_schedule(opt_config, *, global_batch_size: int, total_steps: i
 
 
 def weight_decay_mask(params):
-  """True where weight decay applies: not 1-D params (biases, norms, betas), not initial_roi."""
+  """True where weight decay applies: not 1-D params (biases, norms, betas), not initial_roi.
+
+  The official rule on its names: no decay for 1-D params, biases, LayerNorms and token_roi
+  (no_weight_decay()); our biases and norm scales are 1-D too (tests/test_recipe.py).
+  """
   def decays(path, leaf):
     name = path[-1].key if hasattr(path[-1], 'key') else str(path[-1])
     return leaf.ndim > 1 and name != 'initial_roi'
