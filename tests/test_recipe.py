@@ -5,6 +5,7 @@ reference below is the formula read from the official SparseFormer code (imagene
 showlab/sparseformer) and the timm release it installs (0.3.2), written out in numpy, with the
 file and function it comes from.
 """
+import importlib
 import math
 import os
 
@@ -203,3 +204,28 @@ def test_randaugment_ops_and_their_arguments_are_timms_increasing_set():
         got = op.argument(tf.constant(level), tf.constant(negate))
         np.testing.assert_allclose(got, timm_level_to_arg(op.name, level, negate), rtol=1e-6,
                                    atol=1e-6, err_msg=f'{op.name} at {level}')
+
+
+@pytest.mark.parametrize('name,drop_path_rate', [('sparseformer_t', 0.2), ('sparseformer_s', 0.3),
+                                                 ('sparseformer_b', 0.4)])
+def test_the_imagenet_configs_hold_the_official_values(name, drop_path_rate):
+  """imagenet/config.py defaults and imagenet/configs/sparseformer_{t,s,b}.yaml: 8 GPUs x 128."""
+  config = importlib.import_module(f'configs.{name}').get_config()
+  official = {
+      'global_batch_size': 8 * 128, 'num_epochs': 300, 'warmup_epochs': 20,
+      'optimizer.base_lr': 5e-4, 'optimizer.warmup_lr': 5e-7, 'optimizer.min_lr': 5e-6,
+      'optimizer.lr_base_batch_size': 512, 'optimizer.weight_decay': 0.05,
+      'optimizer.b1': 0.9, 'optimizer.b2': 0.999, 'optimizer.eps': 1e-8,
+      'optimizer.grad_clip_norm': 5.0, 'optimizer.ema_decay': 0.9999,
+      'model.drop_path_rate': drop_path_rate, 'input.image_size': 224,
+      'input.crop_pct': 224 / 256, 'input.randaugment': 'rand-m9-mstd0.5-inc1',
+      'input.color_jitter': 0.4, 'input.reprob': 0.25, 'input.mixup': 0.8, 'input.cutmix': 1.0,
+      'input.mixup_prob': 1.0, 'input.mixup_switch_prob': 0.5, 'input.mixup_group_size': 128,
+      'input.label_smoothing': 0.1, 'input.repeated_aug': 3, 'input.augment': 'inception',
+      'input.hflip': 0.5, 'input.scale': (0.08, 1.0), 'input.ratio': (3 / 4, 4 / 3),
+      'eval_every_steps': -1, 'dtype': 'float32'}
+  for dotted, value in official.items():
+    got = config
+    for part in dotted.split('.'):
+      got = got[part]
+    assert got == (tuple(value) if isinstance(value, tuple) else value), dotted

@@ -17,7 +17,8 @@ def learning_rate_schedule(opt_config, *, global_batch_size: int, total_steps: i
   global_batch_size (the examples of one update, every micro-batch included) / lr_base_batch_size.
   """
   scale = global_batch_size / opt_config.lr_base_batch_size
-  base, warmup_lr, min_lr = (scale * opt_config[k] for k in ('base_lr', 'warmup_lr', 'min_lr'))
+  base, warmup_lr, min_lr = (scale * lr for lr in (opt_config.base_lr, opt_config.warmup_lr,
+                                                    opt_config.min_lr))
 
   def schedule(count):
     t = jnp.maximum(jnp.asarray(count, jnp.float32) - 1.0, 0.0)
