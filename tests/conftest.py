@@ -31,8 +31,8 @@ def smoke_config(name: str = 'default'):
 def pipeline_config(dataset: str, data_dir, seed: int, image_key: str = 'image', **fields):
   """The schema's config for an input-pipeline test: `dataset` in `data_dir`, 32 px, no repeated
   augmentation (so batches show which examples were read), then `fields` of config.input."""
-  from sparseformer_jax.trainer.config_schema import base_config  # pylint: disable=g-import-not-at-top
-  config = base_config()
+  from sparseformer_jax.trainer import config_schema  # pylint: disable=g-import-not-at-top
+  config = config_schema.base_config()
   config.update(dict(seed=seed, dataset=dataset, data_dir=os.fspath(data_dir),
                      image_key=image_key))
   config.input.update({'image_size': 32, 'repeated_aug': 1, **fields})

@@ -12,7 +12,8 @@ the stream exactly. Repeated augmentation (DeiT's RASampler): an epoch holds
 ceil(length / r) images, each r times with different augmentations; the
 copies sit next to each other, i.e. in the same global batch, on the same
 host (RASampler puts them on different hosts, which would make every host
-read the whole dataset; with LayerNorm models placement does not matter).
+read the whole dataset; with LayerNorm models placement does not matter), and
+in different Mixup/CutMix groups (mixup.py), as on the official GPUs.
 
 Videos: with config.input.num_frames > 0 the same entry points yield clips
 (T frames) instead of images, 'image' then holding (B, T, H, W, 3) (eval:
@@ -31,8 +32,10 @@ base_config(), the only place a default lives): seed, dataset, data_dir,
 image_key, label_key, train_split, eval_split, and config.input's
 repeated_aug, shuffle_buffer, prefetch, cache here; the transforms and the
 mixing read the rest of config.input (augment.py, mixup.py, video_pipeline.py).
-With input.cache the decoded share is kept in memory (the file order is then
-fixed; records are still reshuffled every epoch).
+The image_key feature must be an Image (a video: see video_pipeline.py), the
+label_key feature a ClassLabel (num_classes comes from it). With input.cache
+the decoded share is kept in memory (the file order is then fixed; records are
+still reshuffled every epoch).
 """
 
 import importlib

@@ -1,11 +1,12 @@
 """What a training config may contain, and the checks that run before anything compiles.
 
 `base_config()` is the schema: every field the trainer and the input pipeline read, with its
-default (the official ImageNet-1K recipe, docs/recipe.md) and its meaning: the only place a
-default lives (the data and training code read the fields, with no fallbacks of their own). Experiment configs start from it and
-change what differs. `validate_config` rejects unknown or missing fields and bad values with a
-message that names the field and the fix; `check_against_devices` does the same for the batch
-sizes and the mesh once the device count is known.
+default (the official ImageNet-1K recipe, docs/recipe.md) and its meaning. It is the only place a
+default lives: the data and training code read the fields, with no fallbacks of their own.
+Experiment configs start from it and change what differs. `validate_config` rejects unknown or
+missing fields and bad values with a message that names the field and the fix;
+`check_against_devices` does the same for the batch sizes and the mesh once the device count is
+known.
 """
 import dataclasses
 import difflib

@@ -1,4 +1,5 @@
-"""The ImageNet recipe's optimizer (docs/recipe.md): lr schedule, AdamW with its no-decay mask, grad clip, EMA of params."""
+"""The recipe's optimizer (docs/recipe.md): lr schedule, AdamW with its no-decay mask, grad clip,
+EMA of params."""
 import jax
 import jax.numpy as jnp
 import optax
