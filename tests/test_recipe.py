@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 import torch
 
+from test_model_fixtures import FIXTURES, TINY  # the official tiny checkpoints' model
 from sparseformer_jax.data import mixup
 from sparseformer_jax.data import randaugment
 from sparseformer_jax.trainer.metrics import soft_target_cross_entropy
@@ -23,9 +24,6 @@ from sparseformer_jax.trainer import optim
 from sparseformer_jax.trainer import train
 from sparseformer_jax.weights import torch_checkpoint
 
-FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
-TINY = dict(conv_dim=32, num_tokens=16, num_points=36, focusing_width=64, cortex_width=128,
-            cortex_depth=3, num_classes=10, drop_path_rate=0.0)
 RECIPE_LRS = dict(base_lr=5e-4, warmup_lr=5e-7, min_lr=5e-6, lr_base_batch_size=512)
 
 
