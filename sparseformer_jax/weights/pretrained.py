@@ -156,6 +156,25 @@ def write_model_file(directory: str, name: str, overrides: dict) -> None:
   partial.rename(path)
 
 
+def converted_name(directory: str) -> Optional[str]:
+  """The variant a convert_checkpoint.py --out directory records, if it does."""
+  model_file = epath.Path(_local(directory)) / MODEL_FILE
+  return json.loads(model_file.read_text())["name"] if model_file.exists() else None
+
+
+def _local(source) -> str:
+  """A file:// URL as a path; anything else unchanged."""
+  source = os.fspath(source)
+  parsed = urllib.parse.urlparse(source)
+  return urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else source
+
+
+def is_run(source) -> bool:
+  """Whether `source` is a main.py workdir (it has a config.json)."""
+  path = epath.Path(_local(source))
+  return path.is_dir() and (path / "config.json").exists()
+
+
 def load_converted(directory: str, name: Optional[str] = None, **overrides):
   """(model, variables) from a scripts/convert_checkpoint.py --out directory."""
   model_file = epath.Path(directory) / MODEL_FILE
@@ -197,21 +216,17 @@ def load_pretrained(name: Optional[str] = None, source=None, *, cache_dir: Optio
       raise ValueError(f"{name!r} has no official release file; pass source=... "
                        f"Released: {', '.join(PRETRAINED_URLS)}.")
     source = PRETRAINED_URLS[name]
-  source = os.fspath(source)
-  scheme = urllib.parse.urlparse(source).scheme
-  if scheme in ("http", "https"):
+  source = _local(source)
+  if urllib.parse.urlparse(source).scheme in ("http", "https"):
     source = download(source, cache_dir)
-  elif scheme == "file":
-    source = urllib.request.url2pathname(urllib.parse.urlparse(source).path)
-  path = epath.Path(source)
-  if path.is_dir() and (path / "config.json").exists():
+  if is_run(source):
     model, variables, config = load_run(source, ema=ema, **overrides)
     if name and name != config.model.name:
       raise ValueError(f"{source} trained {config.model.name!r}, not {name!r}.")
     return model, variables
   if ema:
     raise ValueError(f"ema=True needs a training workdir; {source} is not one.")
-  if path.is_dir():
+  if epath.Path(source).is_dir():
     return load_converted(source, name, **overrides)
   if name is None:
     raise ValueError(f"Loading {source} needs the model name (e.g. sparseformer_v1_tiny).")
