@@ -5,6 +5,7 @@ for official weights or any source `load_pretrained` takes; `classify_files` run
 and folders, reporting an unreadable file in its place and going on with the others.
 """
 import dataclasses
+import functools
 import importlib.resources
 import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -85,6 +86,12 @@ def load_classifier(name: Optional[str] = None, source=None, *, image_size: Opti
   return Classifier(model, variables, input_config, names)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def probabilities(model, variables, images) -> jax.Array:
+  """(B, C) softmax of the model's logits (float32); compiled once per model config and shape."""
+  return jax.nn.softmax(model.apply(variables, images, train=False).astype(jnp.float32), axis=-1)
+
+
 def top_classes(probs: np.ndarray, names: Sequence[str], k: int) -> List[Dict[str, Any]]:
   """The k most probable classes of one (C,) probability vector, most probable first."""
   order = np.argsort(-probs, kind="stable")[:k]
@@ -110,8 +117,6 @@ def classify_files(classifier: Classifier, paths: Sequence[str], *, top: int = 5
                    batch_size: int = 8) -> Iterator[Dict[str, Any]]:
   """For every image file in `paths` (folders expanded), in order: {'image': path, 'top': [...]}
   or, for a file that cannot be read, {'image': path, 'error': one line}."""
-  forward = jax.jit(lambda variables, images: jax.nn.softmax(
-      classifier.model.apply(variables, images, train=False).astype(jnp.float32), axis=-1))
   size = classifier.input_config.image_size
   pending: List[Tuple[str, Any, Optional[str]]] = []
 
@@ -120,7 +125,7 @@ def classify_files(classifier: Classifier, paths: Sequence[str], *, top: int = 5
     if good:
       batch = np.zeros((batch_size, size, size, 3), np.float32)  # one shape: one compilation
       batch[:len(good)] = good
-      probs = iter(np.asarray(forward(classifier.variables, batch)))
+      probs = iter(np.asarray(probabilities(classifier.model, classifier.variables, batch)))
     for file, pixels, error in pending:
       yield ({"image": file, "error": error} if pixels is None else
              {"image": file, "top": top_classes(next(probs), classifier.class_names, top)})
