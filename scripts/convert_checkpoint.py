@@ -1,7 +1,7 @@
 r"""Converts an official PyTorch SparseFormer checkpoint into an Orbax checkpoint of {'params'}.
 
-  python scripts/convert_checkpoint.py --torch sparseformer_v1_tiny.pth \
-      --model sparseformer_v1_tiny --out converted/sf_t
+  python scripts/convert_checkpoint.py --model sparseformer_v1_tiny --out converted/sf_t
+  # (the official release file, downloaded once into the cache; or --torch FILE_OR_URL)
   # evaluate it:
   python main.py --config=configs/sparseformer_t.py --workdir=workdirs/sf_t_eval \
       --config.init_from=converted/sf_t --config.eval_only=True
@@ -29,8 +29,8 @@ from sparseformer_jax import get_config, load_torch_model
 from sparseformer_jax.trainer import checkpointing
 from sparseformer_jax.weights import pretrained
 
-_TORCH = flags.DEFINE_string('torch', None, 'The .pth file (either official layout).',
-                             required=True)
+_TORCH = flags.DEFINE_string('torch', None, 'The .pth file or URL (either official layout); '
+                             'default: the official release file of --model.')
 _MODEL = flags.DEFINE_string('model', None, 'Variant name, e.g. sparseformer_v1_tiny.',
                              required=True)
 _OUT = flags.DEFINE_string('out', None, 'New directory for the Orbax checkpoint.',
@@ -57,6 +57,10 @@ def convert(torch_path: str, model: str, out: str, overrides: dict) -> dict:
   config must set."""
   if epath.Path(out).exists() and any(epath.Path(out).iterdir()):
     raise ValueError(f'--out {out} is not empty; choose a new directory.')
+  if not torch_path and model not in pretrained.PRETRAINED_URLS:
+    raise ValueError(f'{model!r} has no official release file (released: '
+                     f'{", ".join(pretrained.PRETRAINED_URLS)}); pass --torch FILE.')
+  torch_path = pretrained.fetch(torch_path or pretrained.PRETRAINED_URLS[model])
   module, variables = load_torch_model(torch_path, model, **overrides)
   checkpoints = checkpointing.Checkpoints(out, keep=1)
   checkpoints.save(0, {'params': variables['params']}, wait=True)
@@ -75,7 +79,7 @@ def main(argv):
   overrides = parse_overrides(_OVERRIDE.value)
   try:
     fields = convert(_TORCH.value, _MODEL.value, _OUT.value, overrides)
-  except ValueError as e:  # an unreadable or refused .pth, a mismatch, a used --out: one message
+  except (ValueError, pretrained.DownloadError) as e:  # bad or refused .pth, mismatch, used --out
     sys.exit(f'convert_checkpoint.py: {e}')
   print(f'Wrote {epath.Path(_OUT.value) / "0"}; use it with --config.init_from={_OUT.value}')
   for field, value in {**overrides, **fields}.items():

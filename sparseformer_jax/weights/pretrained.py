@@ -169,6 +169,15 @@ def _local(source) -> str:
   return urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else source
 
 
+def fetch(source, cache: Optional[str] = None) -> str:
+  """A local path for `source`: an http(s):// URL downloaded (once) into the cache, a file://
+  URL as its path, a path unchanged."""
+  source = _local(source)
+  if urllib.parse.urlparse(source).scheme in ("http", "https"):
+    return download(source, cache)
+  return source
+
+
 def is_run(source) -> bool:
   """Whether `source` is a main.py workdir (it has a config.json)."""
   path = epath.Path(_local(source))
@@ -212,13 +221,8 @@ def load_pretrained(name: Optional[str] = None, source=None, *, cache_dir: Optio
   if source is None:
     if name is None:
       raise ValueError("load_pretrained needs a model name or a source.")
-    if name not in PRETRAINED_URLS:
-      raise ValueError(f"{name!r} has no official release file; pass source=... "
-                       f"Released: {', '.join(PRETRAINED_URLS)}.")
     source = PRETRAINED_URLS[name]
-  source = _local(source)
-  if urllib.parse.urlparse(source).scheme in ("http", "https"):
-    source = download(source, cache_dir)
+  source = fetch(source, cache_dir)
   if is_run(source):
     model, variables, config = load_run(source, ema=ema, **overrides)
     if name and name != config.model.name:
