@@ -66,7 +66,8 @@ def load_classifier(name: Optional[str] = None, source=None, *, image_size: Opti
   """A Classifier for `name`/`source` as in load_pretrained. A main.py workdir brings its own
   input config and label names; other weights use NORMALIZATION[name] and ImageNet's names."""
   if source is not None and pretrained.is_run(source):
-    model, variables, config = pretrained.load_run(source, ema=ema, **kwargs)
+    model, variables, config = pretrained.load_run(pretrained.fetch(source), name, ema=ema,
+                                                   **kwargs)
     input_config = config.input.copy_and_resolve_references()
     input_config.image_size = image_size or input_config.image_size
     names = dataset_class_names(config)

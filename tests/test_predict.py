@@ -11,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from sparseformer_jax import load_pretrained, predict
-from sparseformer_jax.data import augment, image_files
+from sparseformer_jax.data import augment, image_files, input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTH = os.path.join(ROOT, "tests", "fixtures", "sf_v1_tiny_library_format.pth")
@@ -96,6 +96,16 @@ def test_imagenet_class_names_ship_with_the_package():
   assert len(names) == len(set(names)) == 1000
   assert (names[0], names[207], names[281], names[999]) == (
       "tench", "golden retriever", "tabby", "toilet tissue")
+
+
+def test_a_workdir_brings_its_input_config_and_its_datasets_label_names(tmp_path):
+  from test_pretrained import fake_workdir  # pylint: disable=g-import-not-at-top
+  fake_workdir(tmp_path / "run")              # a sparseformer_v1_tiny run on synthetic_objects
+  c = predict.load_classifier(source=str(tmp_path / "run"), ema=True)
+  assert c.input_config.image_size == 64 and tuple(c.input_config.mean) == (0.5, 0.5, 0.5)
+  assert len(c.class_names) == 10 and c.class_names[0] != "class 0"
+  assert c.class_names == list(input_pipeline.get_builder("synthetic_objects", None).info
+                               .features["label"].names)
 
 
 def test_script_prints_json_lines_and_fails_at_the_end_for_bad_files(tmp_path):

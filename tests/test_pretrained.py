@@ -1,8 +1,10 @@
 """load_pretrained: a real HTTP server on 127.0.0.1, the cache, file://, converted dirs, workdirs."""
 import functools
 import http.server
+import io
 import json
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -41,11 +43,14 @@ def assert_same_params(a, b):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-  """Serves tests/fixtures/*.pth; /cut/<name> sends half the bytes it announces, then closes."""
+  """Serves tests/fixtures/*.pth; /cut/<name> sends half the bytes it announces, then closes;
+  /slow/<name> waits 3 s first."""
   requests = []
 
   def do_GET(self):  # pylint: disable=invalid-name
     self.requests.append(self.path)
+    if self.path.startswith("/slow/"):
+      time.sleep(3)
     name = self.path.rsplit("/", 1)[-1]
     if not (FIXTURES / name).is_file():
       self.send_error(404, "Not Found")
@@ -106,6 +111,25 @@ def test_http_404_names_the_url_the_status_and_the_manual_way(server, tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
+def test_a_server_that_does_not_answer_times_out_with_the_url(server, tmp_path, monkeypatch):
+  url, _ = server
+  monkeypatch.setattr(pretrained, "DOWNLOAD_TIMEOUT_S", 0.5)
+  with pytest.raises(pretrained.DownloadError, match="download failed .*timed out") as error:
+    pretrained.download(f"{url}/slow/{PTH}", str(tmp_path))
+  assert f"{url}/slow/{PTH}" in str(error.value) and list(tmp_path.iterdir()) == []
+
+
+def test_progress_line_shows_bytes_rate_and_eta(monkeypatch):
+  out = io.StringIO()
+  monkeypatch.setattr("sys.stderr", out)
+  show = pretrained._progress_printer("w.pth", 8_000_000)  # pylint: disable=protected-access
+  show(2_000_000, final=False)
+  show(8_000_000, final=True)
+  first, last = out.getvalue().split("\r")[1:]
+  assert first.startswith("w.pth: 2.0/8.0 MB, ") and " MB/s, ETA " in first
+  assert last.startswith("w.pth: 8.0/8.0 MB, ") and last.endswith(" MB/s\n")
+
+
 def test_file_url_and_local_path(tmp_path):
   model, variables = load_pretrained("sparseformer_v1_tiny", (FIXTURES / PTH).as_uri(),
                                      cache_dir=str(tmp_path), **TINY)
@@ -139,7 +163,7 @@ def test_a_converted_directory_remembers_its_model(tmp_path):
     load_pretrained("sparseformer_v1_small", tmp_path / "converted")
 
 
-def _fake_workdir(path: Path):
+def fake_workdir(path: Path):
   """A main.py-shaped workdir: config.json and a step whose EMA params differ from the params
   (the fixture's)."""
   overrides = dict(TINY, num_classes=None)
@@ -157,7 +181,7 @@ def _fake_workdir(path: Path):
 
 
 def test_a_training_workdir_gives_its_params_or_its_ema(tmp_path):
-  params = _fake_workdir(tmp_path / "run")
+  params = fake_workdir(tmp_path / "run")
   model, variables = load_pretrained(source=str(tmp_path / "run"))
   _, ema = load_pretrained("sparseformer_v1_tiny", str(tmp_path / "run"), ema=True)
   assert model.config.num_classes == 10 and model.config.cortex_depth == 3

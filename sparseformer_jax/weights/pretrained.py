@@ -136,10 +136,13 @@ def _saved_params(path: str, ema: bool):
                                          "ema_params" if ema else "params")
 
 
-def load_run(workdir: str, *, ema: bool = False, **overrides):
+def load_run(workdir: str, name: Optional[str] = None, *, ema: bool = False, **overrides):
   """(model, variables, config) of a main.py run: its config.json and latest checkpoint (the EMA
-  params with ema=True); `overrides` are model fields (e.g. dtype)."""
+  params with ema=True); `name`, if given, must be the run's model; `overrides` are model fields
+  (e.g. dtype)."""
   config = ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
+  if name and name != config.model.name:
+    raise ValueError(f"{workdir} trained {config.model.name!r}, not {name!r}.")
   params = _saved_params(workdir, ema)
   saved = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
   model = SparseFormer(get_config(config.model.name, **{
@@ -224,10 +227,7 @@ def load_pretrained(name: Optional[str] = None, source=None, *, cache_dir: Optio
     source = PRETRAINED_URLS[name]
   source = fetch(source, cache_dir)
   if is_run(source):
-    model, variables, config = load_run(source, ema=ema, **overrides)
-    if name and name != config.model.name:
-      raise ValueError(f"{source} trained {config.model.name!r}, not {name!r}.")
-    return model, variables
+    return load_run(source, name, ema=ema, **overrides)[:2]
   if ema:
     raise ValueError(f"ema=True needs a training workdir; {source} is not one.")
   if epath.Path(source).is_dir():
