@@ -23,11 +23,14 @@ from sparseformer_jax.models.config import NORMALIZATION
 from sparseformer_jax.trainer import config_schema
 from sparseformer_jax.weights import pretrained
 
-IMAGENET_DATASETS = ("imagenet2012", "imagenet2012_subset")  # TFDS names are WordNet ids there
+# TFDS datasets with ImageNet-1K's 1000 classes in its order, whose label names are WordNet ids
+# (or numbers): predict prints the readable names instead.
+IMAGENET_DATASETS = ("imagenet2012", "imagenet2012_subset", "imagenet2012_real", "imagenet_v2")
 
 
 @dataclasses.dataclass(frozen=True)
 class Classifier:
+  """What classify_files needs: the model, its variables, its eval preprocessing, its labels."""
   model: Any
   variables: Any
   input_config: ml_collections.ConfigDict  # image_size, crop_pct, mean, std of the eval transform

@@ -1,4 +1,4 @@
-"""predict: the eval transform, softmax of the logits, names by index, bad files, scripts/predict.py."""
+"""predict: the eval transform, softmax of the logits, names by index, bad files, the script."""
 import functools
 import json
 import os
@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import tensorflow as tf
 from PIL import Image
@@ -96,6 +97,8 @@ def test_imagenet_class_names_ship_with_the_package():
   assert len(names) == len(set(names)) == 1000
   assert (names[0], names[207], names[281], names[999]) == (
       "tench", "golden retriever", "tabby", "toilet tissue")
+  run = ml_collections.ConfigDict({"dataset": "imagenet2012:5.1.0", "data_dir": None})
+  assert predict.dataset_class_names(run) == names  # not TFDS's WordNet ids
 
 
 def test_a_workdir_brings_its_input_config_and_its_datasets_label_names(tmp_path):

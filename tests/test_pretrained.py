@@ -1,4 +1,4 @@
-"""load_pretrained: a real HTTP server on 127.0.0.1, the cache, file://, converted dirs, workdirs."""
+"""load_pretrained: a real HTTP server on 127.0.0.1, the cache, file://, converted dir, workdir."""
 import functools
 import http.server
 import io
@@ -83,7 +83,8 @@ def test_http_download_is_cached_and_the_second_call_makes_no_request(server, tm
                                        cache_dir=str(tmp_path), **TINY)
     assert_reference_logits(model, variables)
   assert requests == [f"/{PTH}"]
-  assert [p.name for p in tmp_path.iterdir()] == [pretrained._cache_name(f"{url}/{PTH}")]  # pylint: disable=protected-access
+  cached = pretrained._cache_name(f"{url}/{PTH}")  # pylint: disable=protected-access
+  assert [p.name for p in tmp_path.iterdir()] == [cached]
 
 
 def test_the_cache_dir_comes_from_the_environment(server, tmp_path, monkeypatch):
@@ -188,7 +189,7 @@ def test_a_training_workdir_gives_its_params_or_its_ema(tmp_path):
   kernel = params["head"]["kernel"]
   np.testing.assert_array_equal(variables["params"]["head"]["kernel"], kernel)
   np.testing.assert_array_equal(ema["params"]["head"]["kernel"], kernel * 0.5)
-  with pytest.raises(ValueError, match="trained 'sparseformer_v1_tiny', not 'sparseformer_v1_base'"):
+  with pytest.raises(ValueError, match="trained 'sparseformer_v1_tiny', not 'sparseformer_v1_b"):
     load_pretrained("sparseformer_v1_base", str(tmp_path / "run"))
   with pytest.raises(ValueError, match="does not fit"):
     load_pretrained(source=str(tmp_path / "run"), num_classes=5)

@@ -41,7 +41,7 @@ class DownloadError(RuntimeError):
   """A download that failed; the message names the URL, why, and how to fetch it by hand."""
 
 
-def cache_dir() -> str:
+def default_cache_dir() -> str:
   """Where downloads are kept: $SPARSEFORMER_JAX_CACHE, else ~/.cache/sparseformer_jax."""
   return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
                                                     "sparseformer_jax")
@@ -79,7 +79,7 @@ def download(url: str, directory: Optional[str] = None) -> str:
   Written to a temporary file renamed when complete, so an interrupted download never counts as
   cached; a progress bar when stderr is a terminal. Raises DownloadError.
   """
-  directory = directory or cache_dir()
+  directory = directory or default_cache_dir()
   target = os.path.join(directory, _cache_name(url))
   if os.path.exists(target):
     return target
@@ -159,10 +159,15 @@ def write_model_file(directory: str, name: str, overrides: dict) -> None:
   partial.rename(path)
 
 
+def _model_file(directory: str) -> Optional[dict]:
+  """{'name', 'overrides'} that a convert_checkpoint.py --out directory records, if it does."""
+  path = epath.Path(_local(directory)) / MODEL_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
 def converted_name(directory: str) -> Optional[str]:
   """The variant a convert_checkpoint.py --out directory records, if it does."""
-  model_file = epath.Path(_local(directory)) / MODEL_FILE
-  return json.loads(model_file.read_text())["name"] if model_file.exists() else None
+  return (_model_file(directory) or {}).get("name")
 
 
 def _local(source) -> str:
@@ -189,9 +194,8 @@ def is_run(source) -> bool:
 
 def load_converted(directory: str, name: Optional[str] = None, **overrides):
   """(model, variables) from a scripts/convert_checkpoint.py --out directory."""
-  model_file = epath.Path(directory) / MODEL_FILE
-  if model_file.exists():
-    saved = json.loads(model_file.read_text())
+  saved = _model_file(directory)
+  if saved:
     if name and name != saved["name"]:
       raise ValueError(f"{directory} holds {saved['name']!r} weights, not {name!r}.")
     name, overrides = saved["name"], {**saved["overrides"], **overrides}
@@ -209,8 +213,8 @@ def load_pretrained(name: Optional[str] = None, source=None, *, cache_dir: Optio
                     ema: bool = False, **overrides):
   """(model, variables) of pretrained weights, the model in the numerics flavor they were made in.
 
-  name: a variant (sparseformer.VARIANTS); optional for a workdir or converted directory, which
-    record it. source: None (the official release file of `name`, downloaded once into
+  name: a variant (sparseformer_jax.VARIANTS); optional for a workdir or converted directory,
+    which record it. source: None (the official release file of `name`, downloaded once into
     `cache_dir`, default $SPARSEFORMER_JAX_CACHE or ~/.cache/sparseformer_jax), an http(s):// or
     file:// URL, a .pth file, a convert_checkpoint.py --out directory, or a main.py workdir (its
     latest checkpoint; the EMA params with ema=True). num_classes, dtype and `overrides` are model
