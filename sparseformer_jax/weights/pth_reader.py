@@ -231,7 +231,9 @@ def read_pth(path: str) -> Any:
       with open(path, "rb") as f:
         result = _read_legacy(f, path)
     return _build(result, path)
-  except CheckpointReadError:
+  except CheckpointReadError as e:
+    if not str(e).startswith(path):  # raised by a stand-in that does not know the file
+      raise type(e)(f"{path}: {e}") from e
     raise
   except FileNotFoundError as e:
     raise CheckpointReadError(f"{path}: no such file.") from e
