@@ -103,6 +103,7 @@ def test_a_plain_pickle_that_would_run_code_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
+    (lambda p: None, "no such file"),
     (lambda p: p.write_bytes(b""), "empty"),
     (lambda p: p.write_text("this is a README, not weights\n"), "not a PyTorch checkpoint"),
     (lambda p: p.write_bytes(open(os.path.join(FIXTURES, "sf_v1_tiny_library_format.pth"),
