@@ -1,7 +1,7 @@
 r"""Converts an official PyTorch SparseFormer checkpoint into an Orbax checkpoint of {'params'}.
 
-  python scripts/convert_checkpoint.py --torch sparseformer_v1_tiny.pth \
-      --model sparseformer_v1_tiny --out converted/sf_t
+  python scripts/convert_checkpoint.py --model sparseformer_v1_tiny --out converted/sf_t
+  # (the official release file, downloaded once into the cache; or --torch FILE_OR_URL)
   # evaluate it:
   python main.py --config=configs/sparseformer_t.py --workdir=workdirs/sf_t_eval \
       --config.init_from=converted/sf_t --config.eval_only=True
@@ -10,8 +10,10 @@ r"""Converts an official PyTorch SparseFormer checkpoint into an Orbax checkpoin
       --config.init_from=converted/sf_t
 
 Non-default sizes take --override field=value (repeatable), e.g. --override num_classes=10.
-Both official key layouts are read. The script prints the model fields (numerics flavor) that
-the training config needs to reproduce the official outputs exactly.
+Both official key layouts are read, without PyTorch (nothing in the file can run code). The script
+prints the model fields (numerics flavor) that the training config needs to reproduce the
+official outputs exactly, and records them in <out>/model.json for
+sparseformer_jax.load_pretrained(source=<out>).
 """
 import ast
 import os
@@ -25,9 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from sparseformer_jax import get_config, load_torch_model
 from sparseformer_jax.trainer import checkpointing
+from sparseformer_jax.weights import pretrained
 
-_TORCH = flags.DEFINE_string('torch', None, 'The .pth file (either official layout).',
-                             required=True)
+_TORCH = flags.DEFINE_string('torch', None, 'The .pth file or URL (either official layout); '
+                             'default: the official release file of --model.')
 _MODEL = flags.DEFINE_string('model', None, 'Variant name, e.g. sparseformer_v1_tiny.',
                              required=True)
 _OUT = flags.DEFINE_string('out', None, 'New directory for the Orbax checkpoint.',
@@ -50,16 +53,23 @@ def parse_overrides(items):
 
 
 def convert(torch_path: str, model: str, out: str, overrides: dict) -> dict:
-  """Writes <out>/0/state = {'params'}; returns the model fields the config must set."""
+  """Writes <out>/0/state = {'params'} and <out>/model.json; returns the model fields the
+  config must set."""
   if epath.Path(out).exists() and any(epath.Path(out).iterdir()):
     raise ValueError(f'--out {out} is not empty; choose a new directory.')
+  if not torch_path and model not in pretrained.PRETRAINED_URLS:
+    raise ValueError(f'{model!r} has no official release file (released: '
+                     f'{", ".join(pretrained.PRETRAINED_URLS)}); pass --torch FILE.')
+  torch_path = pretrained.fetch(torch_path or pretrained.PRETRAINED_URLS[model])
   module, variables = load_torch_model(torch_path, model, **overrides)
   checkpoints = checkpointing.Checkpoints(out, keep=1)
   checkpoints.save(0, {'params': variables['params']}, wait=True)
   checkpoints.close()
   default = get_config(model, **overrides)
-  return {field: getattr(module.config, field) for field in ('flavor', 'grad_clamp')
-          if getattr(module.config, field) != getattr(default, field)}
+  fields = {field: getattr(module.config, field) for field in ('flavor', 'grad_clamp')
+            if getattr(module.config, field) != getattr(default, field)}
+  pretrained.write_model_file(out, model, {**overrides, **fields})
+  return fields
 
 
 def main(argv):
@@ -67,7 +77,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   checkpointing.quiet_orbax_logging()
   overrides = parse_overrides(_OVERRIDE.value)
-  fields = convert(_TORCH.value, _MODEL.value, _OUT.value, overrides)
+  try:
+    fields = convert(_TORCH.value, _MODEL.value, _OUT.value, overrides)
+  except (ValueError, pretrained.DownloadError) as e:  # bad or refused .pth, mismatch, used --out
+    sys.exit(f'convert_checkpoint.py: {e}')
   print(f'Wrote {epath.Path(_OUT.value) / "0"}; use it with --config.init_from={_OUT.value}')
   for field, value in {**overrides, **fields}.items():
     if field != 'num_classes':  # That one comes from the dataset.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (Python >= 3.10) and installs the pinned requirements plus this package, once:
 # later runs only re-install when a requirements file changed. Source it: `source scripts/setup_env.sh [test]`.
-# With the argument `test`, also installs requirements-test.txt (pytest, and torch to read PyTorch weights).
+# With the argument `test`, also installs requirements-test.txt (pytest, and torch for the parity tests against torch.load).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"

@@ -1,6 +1,7 @@
 """Checkpoints: only complete ones count, another model's is refused, PyTorch weights load."""
 import functools
 import importlib.util
+import json
 import shutil
 import subprocess
 
@@ -86,6 +87,8 @@ def _convert(out, torch_file=FIXTURE, name='sparseformer_v1_tiny', model=None):
 def test_converted_pytorch_checkpoint_loads_exactly_and_evaluates(main_env, tmp_path):
   fields = _convert(tmp_path / 'converted')
   assert fields == {'flavor': 'library', 'grad_clamp': False}
+  recorded = json.loads((tmp_path / 'converted' / 'model.json').read_text())  # load_pretrained
+  assert recorded == {'name': 'sparseformer_v1_tiny', 'overrides': {**FIXTURE_MODEL, **fields}}
   expected = load_torch_checkpoint(str(FIXTURE), 'sparseformer_v1_tiny', **FIXTURE_MODEL)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,

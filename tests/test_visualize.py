@@ -6,7 +6,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from sparseformer_jax.analysis.visualize import denormalize, render_rois, stages
+from sparseformer_jax.analysis.visualize import (denormalize, point_density, render_density,
+                                                 render_rois, sampling_points, stages)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "sf_v1_tiny_library_format.pth")
@@ -41,14 +42,41 @@ def test_denormalize_inverts_the_input_normalization():
   np.testing.assert_array_equal(denormalize(normalized, mean, std), pixels)
 
 
+def test_point_density_counts_the_points_inside_the_image_per_cell():
+  points = np.array([[[0.1, 0.1], [0.1, 0.12], [0.9, 0.6], [1.5, 0.5], [-0.1, 0.2]]], np.float32)
+  density = point_density(points, bins=4)
+  assert density.shape == (1, 4, 4) and np.isclose(density.sum(), 1.0)
+  assert np.isclose(density[0, 0, 0], 2 / 3)      # row = y, column = x
+  assert np.isclose(density[0, 2, 3], 1 / 3)      # (x 0.9, y 0.6); the two outside are dropped
+  out = fake_intermediates(batch=2, tokens=3, points=4)
+  assert sampling_points(out).shape == (2, 5 * 3 * 4, 2)   # every point of the 5 stages
+
+
+def test_density_picture_has_a_cell_per_image_and_the_mean():
+  images = np.zeros((3, 32, 32, 3), np.uint8)
+  densities = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
+  picture = render_density(images, densities, densities.mean(0), 3, cell_size=40, columns=2)
+  assert picture.shape == (2 * (40 + 16), 2 * 40, 3)    # 4 cells in rows of 2
+
+
 def test_script_draws_official_weights_on_image_files(tmp_path):
-  for i in range(2):
-    Image.fromarray(np.full((40, 60, 3), 60 * i, np.uint8)).save(tmp_path / f"img{i}.png")
+  Image.fromarray(np.full((40, 60, 3), 60, np.uint8)).save(tmp_path / "img0.png")
+  # 16-bit, dark: it must come out dark (a plain PIL convert('RGB') clips it to white).
+  Image.fromarray(np.full((40, 60), 8000, np.uint16)).save(tmp_path / "img1.png")
+  (tmp_path / "broken.png").write_text("not a picture")
   out = tmp_path / "rois.png"
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "visualize.py"), "--torch", FIXTURE,
          "--model", "sparseformer_v1_tiny", "--resolution", "64", "--cell_size", "80",
-         "--points", "--out", str(out), "--images", str(tmp_path / "img0.png"),
-         "--images", str(tmp_path / "img1.png")] + [f"--override={o}" for o in TINY]
-  subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
+         "--points", "--density", "--out", str(out), "--images", str(tmp_path / "img0.png"),
+         "--images", str(tmp_path / "img1.png"), "--images", str(tmp_path / "broken.png")
+         ] + [f"--override={o}" for o in TINY]
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("visualize.py: ")]
+  assert len(errors) == 2 and "broken.png: not an image" in errors[0]
   with Image.open(out) as picture:
     assert picture.size == (6 * 80, 16 + 2 * 80)     # input + 4 focusing repeats + cortex
+    deep = np.asarray(picture)[16 + 80:, :80]          # the 16-bit image's input cell
+    assert 25 <= deep.mean() <= 40                     # 8000 / 65535 * 255 = 31
+  with Image.open(tmp_path / "rois_density.png") as density:
+    assert density.size == (3 * 80, 80 + 16)           # two images and their mean

@@ -1,5 +1,6 @@
 """Pictures of where SparseFormer's tokens look: every token's RoI (and optionally its sampling
-points) after each focusing repeat and after the cortex's sampling unit, one row per image."""
+points) after each focusing repeat and after the cortex's sampling unit, one row per image; and
+heat maps of where all the sampling points land, per image and averaged over many."""
 import colorsys
 from typing import List, Sequence, Tuple
 
@@ -73,4 +74,53 @@ def render_rois(images: np.ndarray, intermediates, *, cell_size: int = 192,
     draw.text((i * cell_w + 4, 2), title, fill="black")
   for i, row in enumerate(rows):
     grid.paste(row, (0, 16 + i * cell_size))
+  return np.asarray(grid)
+
+
+def sampling_points(intermediates) -> np.ndarray:
+  """(B, K, 2) every sampling point of every stage, as (x, y) in [0, 1]."""
+  points = [pts.reshape(pts.shape[0], -1, 2) for _, _, pts in stages(intermediates)]
+  return np.concatenate(points, axis=1)
+
+
+def point_density(points: np.ndarray, bins: int) -> np.ndarray:
+  """(B, K, 2) points -> (B, bins, bins) float32 histograms (row = y, column = x), each summing
+  to 1 over the points that land inside the image."""
+  out = np.zeros((points.shape[0], bins, bins), np.float32)
+  for i, xy in enumerate(points):
+    inside = np.all((xy >= 0) & (xy <= 1), axis=-1)
+    counts, _, _ = np.histogram2d(xy[inside, 1], xy[inside, 0], bins=bins,
+                                  range=[[0, 1], [0, 1]])
+    out[i] = counts / max(counts.sum(), 1)
+  return out
+
+
+def _heat_cell(density: np.ndarray, image, size: int) -> Image.Image:
+  """A density as an 'inferno' heat map `size` pixels high, blended over `image` if given."""
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  scaled = density / max(float(density.max()), 1e-12)
+  heat = Image.fromarray((colormaps["inferno"](scaled)[..., :3] * 255).astype(np.uint8))
+  if image is None:
+    return heat.resize((size, size), Image.BILINEAR)
+  width = max(1, round(size * image.shape[1] / image.shape[0]))
+  heat = heat.resize((width, size), Image.BILINEAR)
+  gray = Image.fromarray(image).convert("L").convert("RGB").resize((width, size), Image.BILINEAR)
+  return Image.blend(gray, heat, 0.65)
+
+
+def render_density(images: np.ndarray, densities: np.ndarray, mean_density: np.ndarray,
+                   count: int, *, cell_size: int = 192, columns: int = 8) -> np.ndarray:
+  """uint8 grid: each image with its sampling-point heat map, then the mean over `count` images
+  (the paper's sampling-density figure), `columns` cells per row."""
+  cells = [(f"image {i + 1}", _heat_cell(d, im, cell_size))
+           for i, (im, d) in enumerate(zip(images, densities))]
+  cells.append((f"mean of {count} images", _heat_cell(mean_density, None, cell_size)))
+  cell_w = max(cell.width for _, cell in cells)
+  rows = -(-len(cells) // columns)
+  grid = Image.new("RGB", (cell_w * min(columns, len(cells)), rows * (cell_size + 16)), "white")
+  draw = ImageDraw.Draw(grid)
+  for i, (title, cell) in enumerate(cells):
+    x, y = (i % columns) * cell_w, (i // columns) * (cell_size + 16)
+    draw.text((x + 4, y + 2), title, fill="black")
+    grid.paste(cell, (x, y + 16))
   return np.asarray(grid)

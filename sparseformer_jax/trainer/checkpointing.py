@@ -181,23 +181,25 @@ def _weights_manager(directory):
                                options=ocp.CheckpointManagerOptions(create=False))
 
 
-def load_saved_params(path: str, sharding) -> dict:
-  """The params at `path` in the structure they were saved with, all on `sharding`.
+def load_saved_params(path: str, sharding, entry: str = 'params') -> dict:
+  """The params at `path` (or another saved entry, e.g. 'ema_params') in the structure they were
+  saved with, all on `sharding`.
 
   For weights that get transformed before they fit the model (image -> video inflation).
   """
   directory, step = _resolve(path)
   manager = _weights_manager(directory)
   found = manager.item_metadata(step)[ITEM].tree
-  if 'params' not in found:
-    raise CheckpointMismatchError(f'{directory / str(step)} holds no params.')
-  wanted = {'params': jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), found['params'])}
+  if entry not in found:
+    raise CheckpointMismatchError(f'{directory / str(step)} holds no {entry} '
+                                  f'(it has {sorted(found)}).')
+  wanted = {entry: jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), found[entry])}
   restored = manager.restore(step, args=ocp.args.Composite(**{ITEM: ocp.args.PyTreeRestore(
       wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
       partial_restore=True)}))
   manager.close()
-  return restored[ITEM]['params']
+  return restored[ITEM][entry]
 
 
 def load_entries(path: str, abstract: dict, skip: str = '') -> dict:

@@ -14,6 +14,7 @@ import numpy as np
 
 from sparseformer_jax.models.config import SparseFormerConfig, get_config
 from sparseformer_jax.models.sparseformer import SparseFormer
+from sparseformer_jax.weights import pth_reader
 
 LAYOUTS = {"imagenet": "token_roi.weight", "library": "initial_roi.weight"}
 
@@ -102,14 +103,14 @@ def to_flax(path: Tuple[str, ...], tensor: np.ndarray) -> np.ndarray:
 
 
 def _to_numpy_state_dict(source) -> Dict[str, np.ndarray]:
-  """A path or in-memory state dict (torch tensors or numpy), unwrapped from {'model': ...}."""
+  """A path (read without PyTorch, see pth_reader) or an in-memory state dict (torch tensors or
+  numpy), unwrapped from {'model': ...}."""
   if isinstance(source, (str, os.PathLike)):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError("Reading a .pth file needs PyTorch: pip install 'sparseformer-jax[torch]' "
-                        "(or pip install torch).") from e
-    source = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
+    path, source = os.fspath(source), pth_reader.read_pth(source)
+    if not isinstance(source, Mapping):
+      raise pth_reader.CheckpointReadError(
+          f"{path}: holds a {type(source).__name__}, not a state dict (a mapping of names to "
+          "tensors).")
   for wrapper in ("model", "state_dict", "model_ema"):
     if isinstance(source, Mapping) and wrapper in source and isinstance(source[wrapper], Mapping):
       source = source[wrapper]
@@ -123,7 +124,8 @@ def _to_numpy_state_dict(source) -> Dict[str, np.ndarray]:
   return out
 
 
-def _expected_params(cfg: SparseFormerConfig):
+def expected_params(cfg: SparseFormerConfig):
+  """{flax param path: ShapeDtypeStruct} of the model `cfg` describes (nothing computed)."""
   shape = (1, 1, 32, 32, 3) if cfg.video else (1, 32, 32, 3)
   model = SparseFormer(cfg)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
@@ -150,7 +152,7 @@ def load_torch_checkpoint(source: Union[str, os.PathLike, Mapping[str, Any]], na
   state_dict = _to_numpy_state_dict(source)
   cfg = checkpoint_config(state_dict, name, **overrides)
   layout = detect_layout(state_dict)
-  expected = _expected_params(cfg)
+  expected = expected_params(cfg)
   params, missing, misshaped = {}, [], []
   used = set()
   for path, leaf in expected.items():
