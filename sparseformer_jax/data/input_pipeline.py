@@ -124,7 +124,7 @@ class DatasetNotFoundError(FileNotFoundError):
   """The configured TFDS dataset is unknown or not prepared in data_dir."""
 
 
-def _import_local_datasets() -> None:
+def import_local_datasets() -> None:
   """Imports every module of data/embedded/, so TFDS registers the builders defined there."""
   package = importlib.import_module(f'{__package__}.embedded')
   for module in pkgutil.iter_modules(package.__path__):
@@ -147,7 +147,7 @@ def _preparation_help(dataset: str, data_dir: str, manual: bool) -> str:
 
 def get_builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The TFDS builder for `dataset` (also those defined in this package); prepares nothing."""
-  _import_local_datasets()
+  import_local_datasets()
   try:
     return tfds.builder(dataset, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as error:
