@@ -5,9 +5,11 @@ import os
 import pathlib
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 import time
+import zlib
 
 import ml_collections
 import numpy as np
@@ -168,11 +170,33 @@ def test_a_killed_prepare_is_never_read_and_rebuilt_next_time(tmp_path):
   assert process.returncode == -signal.SIGKILL, 'the build finished before it could be killed'
   config = ml_collections.ConfigDict({'dataset': 'killed', 'data_dir': os.fspath(data_dir),
                                       'input': {'num_frames': 0}})
-  with pytest.raises(input_pipeline.DatasetNotFoundError):
+  with pytest.raises(input_pipeline.DatasetNotFoundError, match='--folder DIR --dataset killed'):
     input_pipeline.get_dataset_info(config)
   code, out, err = run_script(*command[2:])
   assert code == 0, err
   assert 'Removed the partial build' in out
   assert not list(data_dir.glob('.killed.incomplete-*'))
+  live = data_dir / f'.killed.incomplete-{socket.gethostname()}-{os.getppid()}-0a'
+  live.mkdir()  # a build that a running process (this one's parent) would own
+  code, _, err = run_script(*command[2:], '--rebuild')
+  assert code == 1 and f'Process {os.getppid()}' in err and live.exists()
   assert sorted(helpers.file_names(data_dir, 'killed', 'train')
                 + helpers.file_names(data_dir, 'killed', 'validation')) == readable
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+  """A PNG that claims width x height pixels and holds none (PIL refuses it on open)."""
+  def chunk(kind, data):
+    return (len(data).to_bytes(4, 'big') + kind + data
+            + zlib.crc32(kind + data).to_bytes(4, 'big'))
+  header = width.to_bytes(4, 'big') + height.to_bytes(4, 'big') + bytes([8, 2, 0, 0, 0])
+  return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IEND', b'')
+
+
+def test_a_decompression_bomb_is_skipped_not_decoded(tmp_path):
+  helpers.write_folder(tmp_path / 'pics', per_class=2, special=False)
+  (tmp_path / 'pics' / 'red' / 'bomb.png').write_bytes(_png_header_only(40_000, 40_000))
+  prepared = image_folder.prepare_folder(str(tmp_path / 'pics'), 'bomb', str(tmp_path / 'tfds'),
+                                         val_fraction=0.1, max_side=512, seed=0, progress=False)
+  assert [line.split(':')[0] for line in prepared.skipped] == ['red/bomb.png']
+  assert sum(prepared.counts.values()) == 6

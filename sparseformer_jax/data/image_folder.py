@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import uuid
 
 from absl import logging
@@ -38,7 +39,7 @@ SOURCE_FILE = 'source.json'           # the folder and options a version was pre
 REPORT_FILE = 'skipped_files.txt'     # one line per file that was skipped: path and reason
 FIRST_VERSION = tfds.core.Version('1.0.0')
 JPEG_QUALITY = 95                     # re-encoding of JPEG files (others are stored as PNG)
-_INCOMPLETE = '.incomplete-'          # DATA_DIR/.NAME.incomplete-<id>: a build in progress
+_INCOMPLETE = '.incomplete-'          # DATA_DIR/.NAME.incomplete-HOST-PID-ID: a build under way
 _CHUNK = 256                          # files decoded in parallel at a time (bounds memory)
 
 
@@ -101,7 +102,8 @@ def _class_folders(directory: str, root: str):
       if image_files.is_image_name(os.path.basename(file)):
         images.append(file)
       else:
-        skipped.append(f'{file}: not an image file name ({", ".join(image_files.IMAGE_EXTENSIONS)})')
+        skipped.append(f'{file}: not an image file name '
+                       f'({", ".join(image_files.IMAGE_EXTENSIONS)})')
     if images:
       classes[entry.name] = images
     else:
@@ -228,14 +230,31 @@ def check_name(name: str, data_dir: str) -> None:
                       '--config.dataset would read instead); choose another name.')
 
 
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
 def _remove_interrupted_builds(data_dir: str, name: str) -> list:
-  """Deletes builds of `name` that a killed run left behind (never read: they were not moved
-  into place); returns their paths."""
+  """Deletes builds of `name` that killed runs left behind (never read: they were not moved into
+  place) and returns their paths; refuses while a build of another live process is under way."""
   removed = []
-  for entry in os.listdir(data_dir):
-    if entry.startswith(f'.{name}{_INCOMPLETE}'):
-      shutil.rmtree(os.path.join(data_dir, entry), ignore_errors=True)
-      removed.append(os.path.join(data_dir, entry))
+  for entry in sorted(os.listdir(data_dir)):
+    match = re.fullmatch(re.escape(f'.{name}{_INCOMPLETE}') + r'(.*)-(\d+)-[0-9a-f]+', entry)
+    if not match:
+      continue
+    path = os.path.join(data_dir, entry)
+    host, pid = match.group(1), int(match.group(2))
+    if host == socket.gethostname() and pid != os.getpid() and _alive(pid):
+      raise FolderError(f'Process {pid} is preparing {name} in {data_dir} right now ({path}); '
+                        'wait for it to finish.')
+    shutil.rmtree(path, ignore_errors=True)
+    removed.append(path)
   return removed
 
 
@@ -268,9 +287,8 @@ def _unchanged(existing: str, source: dict, name: str, version) -> bool:
                     f'--config.dataset={name}:{version}).')
 
 
-def prepare_folder(folder: str, name: str, data_dir: str, *, val_fraction: float = 0.1,
-                   max_side: int = 512, seed: int = 0, rebuild: bool = False,
-                   progress: bool = True) -> Prepared:
+def prepare_folder(folder: str, name: str, data_dir: str, *, val_fraction: float, max_side: int,
+                   seed: int, rebuild: bool = False, progress: bool = True) -> Prepared:
   """Writes `folder` as the TFDS dataset `name` into `data_dir` (or finds it prepared)."""
   check_name(name, data_dir)
   if max_side < 1:
@@ -288,7 +306,8 @@ def prepare_folder(folder: str, name: str, data_dir: str, *, val_fraction: float
     if not rebuild and _unchanged(existing, source, name, versions[-1]):
       return dataclasses.replace(_read_back(existing), interrupted=removed)
     version = tfds.core.Version(f'{versions[-1].major}.{versions[-1].minor + 1}.0')
-  build_dir = os.path.join(data_dir, f'.{name}{_INCOMPLETE}{uuid.uuid4().hex[:8]}')
+  build_id = f'{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  build_dir = os.path.join(data_dir, f'.{name}{_INCOMPLETE}{build_id}')
   skipped = list(scan.skipped)
   total = sum(len(e) for e in scan.splits.values())
   features = tfds.features.FeaturesDict({

@@ -153,7 +153,9 @@ def get_builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   except tfds.core.DatasetNotFoundError as error:
     raise DatasetNotFoundError(
         f'TFDS has no dataset named {dataset!r} (config.dataset; data_dir '
-        f'{data_dir or tfds.core.constants.DATA_DIR!r}): {error}') from error
+        f'{data_dir or tfds.core.constants.DATA_DIR!r}): {error} A folder of your own images '
+        f'becomes one with python scripts/prepare_data.py --folder DIR --dataset {dataset} '
+        f'--data_dir {data_dir or "DATA_DIR"}.') from error
 
 
 def _is_generated_locally(builder) -> bool:
