@@ -62,8 +62,9 @@ def get_config(arg: str = ''):
   model = args.get('model') or (args['init'] if args['init'] in VARIANTS else None)
   if source is not None and model in (None, source['model']['name']):
     config.model.name = source['model']['name']
-    config.model.overrides.update(
-        {k: v for k, v in source['model']['overrides'].items() if v is not None})
+    config.model.overrides.update({k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in source['model']['overrides'].items()
+                                   if v is not None})  # JSON has lists for tuples
     config.input.mean = tuple(source['input']['mean'])
     config.input.std = tuple(source['input']['std'])
     config.input.image_size = source['input']['image_size']

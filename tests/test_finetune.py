@@ -169,7 +169,8 @@ def test_finetune_on_a_folder_of_images(tmp_path, main_env, smoke_run):
   assert final['val/top1'] > 0.5, final   # 3 classes: chance is 1/3
   tuned, source = restore_numpy(workdir, 12), restore_numpy(smoke_run, 12)
   for name, value in _flat(source['params']['stem']).items():
-    np.testing.assert_array_equal(_flat(tuned['params']['stem'])[name], value)
+    for key in ('params', 'ema_params'):
+      np.testing.assert_array_equal(_flat(tuned[key]['stem'])[name], value, err_msg=key)
   opt_state = ' '.join(jax.tree_util.keystr(path) for path, _ in
                        jax.tree_util.tree_flatten_with_path(
                            checkpoint_metadata(workdir, 12)['opt_state'])[0])
