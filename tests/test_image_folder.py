@@ -200,3 +200,14 @@ def test_a_decompression_bomb_is_skipped_not_decoded(tmp_path):
                                          val_fraction=0.1, max_side=512, seed=0, progress=False)
   assert [line.split(':')[0] for line in prepared.skipped] == ['red/bomb.png']
   assert sum(prepared.counts.values()) == 6
+
+
+def test_a_split_without_one_readable_image_is_refused_and_nothing_is_left(tmp_path):
+  helpers.write_folder(tmp_path / 'pics' / 'train', per_class=2, special=False)
+  for colour in helpers.COLOURS:
+    (tmp_path / 'pics' / 'val' / colour).mkdir(parents=True)
+    (tmp_path / 'pics' / 'val' / colour / 'broken.png').write_bytes(b'not a png')
+  with pytest.raises(image_folder.FolderError, match=r'split "validation".*val/\w+/broken\.png'):
+    image_folder.prepare_folder(str(tmp_path / 'pics'), 'broken', str(tmp_path / 'tfds'),
+                                val_fraction=0.1, max_side=512, seed=0, progress=False)
+  assert os.listdir(tmp_path / 'tfds') == []

@@ -316,21 +316,21 @@ def prepare_folder(folder: str, name: str, data_dir: str, *, val_fraction: float
       'file_name': tfds.features.Text(),
   })
   tfds.disable_progress_bar()  # ours counts files; TFDS's would count shards
-  with tqdm(total=total, unit='img', desc=f'{name} {version}', disable=not progress,
-            mininterval=0.5) as bar, _quiet_tfds():
-    builder = tfds.dataset_builders.store_as_tfds_dataset(
-        name=name, version=str(version), features=features, data_dir=build_dir,
-        split_datasets={split: _examples(folder, examples, max_side, skipped, bar)
-                        for split, examples in scan.splits.items()},
-        description=f'The images of {os.path.abspath(folder)} ({scan.layout}), prepared by '
-                    'scripts/prepare_data.py --folder.')
+  try:
+    with tqdm(total=total, unit='img', desc=f'{name} {version}', disable=not progress,
+              mininterval=0.5) as bar, _quiet_tfds():
+      builder = tfds.dataset_builders.store_as_tfds_dataset(
+          name=name, version=str(version), features=features, data_dir=build_dir,
+          split_datasets={split: _examples(folder, examples, max_side, skipped, bar)
+                          for split, examples in scan.splits.items()},
+          description=f'The images of {os.path.abspath(folder)} ({scan.layout}), prepared by '
+                      'scripts/prepare_data.py --folder.')
+  except AssertionError as e:  # TFDS: 'Failed to finalize writing of split "X": No examples'
+    shutil.rmtree(build_dir, ignore_errors=True)
+    raise FolderError(f'{folder}: not one image of a split could be read ({e}); '
+                      f'{len(skipped)} files skipped, e.g. {"; ".join(skipped[:3])}.') from None
   built = os.fspath(builder.data_path)
   counts = {s: builder.info.splits[s].num_examples for s in scan.splits}
-  empty_splits = [s for s, n in counts.items() if n == 0]
-  if empty_splits:
-    shutil.rmtree(build_dir, ignore_errors=True)
-    raise FolderError(f'{folder}: no image of the {" and ".join(empty_splits)} split could be '
-                      f'read ({len(skipped)} files skipped, e.g. {skipped[:3]}).')
   with open(os.path.join(built, SOURCE_FILE), 'w') as f:
     json.dump(source, f, indent=1)
   with open(os.path.join(built, REPORT_FILE), 'w') as f:
