@@ -46,7 +46,8 @@ def load_rgb(path: str, max_side: Optional[int] = None) -> np.ndarray:
     with Image.open(path) as image:
       image.load()  # decodes now: a truncated file fails here, not later
       image = _to_rgb(ImageOps.exif_transpose(image))
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+  except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
+          ValueError) as e:
     if isinstance(e, UnreadableImageError):
       raise
     reason = 'not an image PIL can read' if isinstance(e, UnidentifiedImageError) else str(e)

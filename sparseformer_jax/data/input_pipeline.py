@@ -101,7 +101,7 @@ class DatasetNotFoundError(FileNotFoundError):
   """The configured TFDS dataset is unknown or not prepared in data_dir."""
 
 
-def _import_local_datasets() -> None:
+def import_local_datasets() -> None:
   """Imports every module of data/embedded/, so TFDS registers the builders defined there."""
   package = importlib.import_module(f'{__package__}.embedded')
   for module in pkgutil.iter_modules(package.__path__):
@@ -124,13 +124,15 @@ def _preparation_help(dataset: str, data_dir: str, manual: bool) -> str:
 
 def get_builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The TFDS builder for `dataset` (also those defined in this package); prepares nothing."""
-  _import_local_datasets()
+  import_local_datasets()
   try:
     return tfds.builder(dataset, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as error:
     raise DatasetNotFoundError(
         f'TFDS has no dataset named {dataset!r} (config.dataset; data_dir '
-        f'{data_dir or tfds.core.constants.DATA_DIR!r}): {error}') from error
+        f'{data_dir or tfds.core.constants.DATA_DIR!r}): {error} A folder of your own images '
+        f'becomes one with python scripts/prepare_data.py --folder DIR --dataset {dataset} '
+        f'--data_dir {data_dir or "DATA_DIR"}.') from error
 
 
 def _is_generated_locally(builder) -> bool:

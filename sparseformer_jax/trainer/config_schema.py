@@ -115,6 +115,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 5.0    # global-norm clip, 0 = off
   c.optimizer.ema_decay = 0.9999      # EMA of the params, evaluated beside the raw params
   c.optimizer.accum_steps = 1         # micro-batches per step (gradient accumulation)
+  c.optimizer.layer_decay = 1.0       # fine-tuning: lr x layer_decay**k for the k-th unit below
+                                      # the head (stem, initial embeddings/RoIs last); 1 = off
+  c.optimizer.frozen = ''             # comma-separated globs of param paths that do not train
+                                      # (e.g. 'stem,focusing', 'cortex/unit_[01]'); they keep no
+                                      # optimizer state
+  c.optimizer.linear_probe = False    # train the head only (everything else frozen)
 
   c.log_every_steps = 100             # train/* scalars and progress
   c.eval_every_steps = -1             # -1: once per epoch; 0: only at the end (always at the end)
@@ -208,6 +214,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.optimizer.ema_decay < 1.0:
     raise ConfigError(f'config.optimizer.ema_decay={config.optimizer.ema_decay} must be in '
                       '[0, 1).')
+  if not 0.0 < config.optimizer.layer_decay <= 1.0:
+    raise ConfigError(f'config.optimizer.layer_decay={config.optimizer.layer_decay} must be in '
+                      '(0, 1]: the lr of a unit is the next one\'s times it (1 = off).')
   if config.init_inflate_replicates and not config.init_from:
     raise ConfigError('config.init_inflate_replicates inflates the image weights of '
                       'config.init_from, which is empty: set it, or set the replicas to 0.')

@@ -8,6 +8,7 @@ examples as an uninterrupted one); the dropout key of step s is fold_in(key, s);
 loss or gradient is not finite is never applied ('raise' stops the run at it, before any later
 checkpoint; 'skip' counts it); SIGTERM saves a checkpoint at the current step and returns.
 """
+import dataclasses
 import math
 import time
 
@@ -17,13 +18,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from clu import parameter_overview as parameter_overview_lib
 from clu import periodic_actions
 from etils import epath
 from flax import traverse_util
 
 from sparseformer_jax.trainer import checkpointing
 from sparseformer_jax.trainer import config_schema
-from sparseformer_jax import create_model
+from sparseformer_jax import VARIANTS, create_model
 from sparseformer_jax.trainer import metrics as metrics_lib
 from sparseformer_jax.trainer import optim
 from sparseformer_jax.trainer import preemption
@@ -99,6 +101,45 @@ def _stream_key(seed: int, stream: int):
   return jax.random.fold_in(jax.random.key(seed), stream)
 
 
+@dataclasses.dataclass
+class _ParamGroup:
+  """A row of the parameter overview: a unit of the model (e.g. cortex/unit_3)."""
+  group: str
+  params: int
+  share: str
+  trains: str
+  lr_scale: str
+
+
+_OVERVIEW_GROUPS = 12  # rows of the parameter overview
+
+
+def parameter_overview(params, opt_config) -> str:
+  """Total and trainable (not frozen) param counts and clu's table of the largest groups, with
+  their lr multiplier (optimizer.layer_decay)."""
+  frozen = optim.frozen_mask(params, opt_config)
+  scales = (optim.layer_decay_scales(params, opt_config.layer_decay)
+            if opt_config.layer_decay < 1.0 else jax.tree.map(lambda _: 1.0, params))
+  groups, group_scale = {}, {}  # group -> [params, trainable params]; group -> lr multiplier
+  for (path, leaf), is_frozen, scale in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                            jax.tree.leaves(frozen), jax.tree.leaves(scales)):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    group = '/'.join(names[:2] if names[0] == 'cortex' and len(names) > 2 else names[:1])
+    size = math.prod(leaf.shape)
+    group_scale[group] = scale
+    counts = groups.setdefault(group, [0, 0])
+    counts[0] += size
+    counts[1] += 0 if is_frozen else size
+  total = sum(c[0] for c in groups.values())
+  trainable = sum(c[1] for c in groups.values())
+  rows = [_ParamGroup(g, n, f'{n / total:.1%}', 'yes' if t == n else 'no' if t == 0 else 'partly',
+                      f'{group_scale[g]:.3g}')
+          for g, (n, t) in sorted(groups.items(), key=lambda item: -item[1][0])[:_OVERVIEW_GROUPS]]
+  return (f'Parameters: {total:,} total, {trainable:,} trainable, {total - trainable:,} frozen. '
+          f'The {len(rows)} largest of {len(groups)} groups:\n'
+          + parameter_overview_lib.make_table(rows))
+
+
 def make_init_fn(model, tx, config):
   """() -> the initial train state; jit it with out_shardings to build it in place."""
   frames, size = config.input.num_frames, config.input.image_size
@@ -118,6 +159,7 @@ def make_train_step(model, tx, schedule, config, mesh):
   ema_decay = config.optimizer.ema_decay
 
   def loss_fn(params, images, targets, key):
+    params = optim.stop_frozen_gradients(params, config.optimizer)
     logits = apply_in_sub_batches(
         lambda x, k: model.apply({'params': params}, x, train=True, rngs={'dropout': k}),
         images, config.sub_batches, key)
@@ -256,11 +298,31 @@ class _FiniteCheck:
                     step, loss, grad_norm, int(m['train/skipped_steps']))
 
 
+def official_params(name: str) -> dict:
+  """The official released weights of the variant `name`, as a params tree in host memory."""
+  raise config_schema.ConfigError(
+      f'config.init_from={name!r} names a variant, whose official weights this version cannot '
+      f'fetch by name: download its .pth from the official SparseFormer release, convert it '
+      f'with scripts/convert_checkpoint.py --torch FILE --model {name} --out DIR and set '
+      'init_from=DIR.')
+
+
+def _on_mesh(params, source: str, config, abstract, shardings) -> dict:
+  """{'params'} from host memory, checked against the model, without init_skip's, on the mesh."""
+  checkpointing.check_structure({'params': abstract['params']}, {'params': params}, source,
+                                skip=config.init_skip)
+  kept = checkpointing.without_skipped({'params': params}, config.init_skip)
+  placement = checkpointing.without_skipped({'params': shardings['params']}, config.init_skip)
+  return jax.device_put(kept, placement)
+
+
 def load_init_weights(config, abstract, shardings, mesh) -> dict:
   """config.init_from's {'params'} (and, for eval-only, 'ema_params' if saved), on the mesh.
 
-  With init_inflate_replicates > 0 they are image weights, inflated into this video model.
-  Params under config.init_skip are left out (the caller keeps their fresh initialization).
+  init_from is a checkpoint (see checkpointing._resolve) or a variant name (its official
+  weights, see official_params). With init_inflate_replicates > 0 they are image weights,
+  inflated into this video model. Params under config.init_skip are left out (the caller keeps
+  their fresh initialization).
   """
   if config.init_inflate_replicates:
     logging.info('Inflating the image params of %s into %d token replicas.', config.init_from,
@@ -268,10 +330,10 @@ def load_init_weights(config, abstract, shardings, mesh) -> dict:
     image_params = checkpointing.load_saved_params(config.init_from, sharding.replicated(mesh))
     params = inflate.inflate_from_image({'params': image_params},
                                         config.init_inflate_replicates)['params']
-    checkpointing.check_structure({'params': abstract['params']}, {'params': params},
-                                  f'{config.init_from} (inflated)', skip=config.init_skip)
-    return checkpointing.without_skipped(
-        {'params': jax.device_put(params, shardings['params'])}, config.init_skip)
+    return _on_mesh(params, f'{config.init_from} (inflated)', config, abstract, shardings)
+  if config.init_from in VARIANTS and not epath.Path(config.init_from).exists():
+    return _on_mesh(official_params(config.init_from), f'the official {config.init_from}',
+                    config, abstract, shardings)
   # Training starts its EMA from the loaded params; eval-only evaluates a saved EMA too.
   wanted = ('params', 'ema_params') if config.eval_only else ('params',)
   return checkpointing.load_entries(config.init_from, {k: abstract[k] for k in wanted},
@@ -316,11 +378,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   schedule = optim.learning_rate_schedule(config.optimizer,
                                           global_batch_size=config.global_batch_size,
                                           total_steps=total_steps, warmup_steps=warmup_steps)
-  tx = optim.create_optimizer(config.optimizer, schedule)
+  tx = optim.with_finetuning(optim.create_optimizer(config.optimizer, schedule), config.optimizer)
 
   init_state = make_init_fn(model, tx, config)
   # Shapes without computing anything; each array gets its sharding on the mesh.
   abstract = jax.eval_shape(init_state)
+  logging.info('%s', parameter_overview(abstract['params'], config.optimizer))
   shardings = sharding.state_shardings(abstract, mesh)
   abstract = sharding.with_shardings(abstract, shardings)
   checkpoints = checkpointing.Checkpoints(str(epath.Path(workdir) / 'checkpoints'),
