@@ -15,12 +15,17 @@ from configs import common
 from configs import finetune
 from conftest import REPO, checkpoint_metadata, read_metrics, restore_numpy, xla_flags
 import image_folder_helpers as helpers
-from sparseformer_jax import NORMALIZATION, create_model
+from sparseformer_jax import NORMALIZATION, create_model, load_torch_checkpoint
 from sparseformer_jax.data import image_folder
 from sparseformer_jax.trainer import config_schema
 from sparseformer_jax.trainer import optim
 from sparseformer_jax.trainer import sharding
 from sparseformer_jax.trainer import train
+from sparseformer_jax.weights import pretrained
+
+# The official tiny fixture's model fields (tests/fixtures/sf_v1_tiny_*.pth).
+FIXTURE_MODEL = dict(conv_dim=32, num_tokens=16, num_points=36, focusing_width=64,
+                     cortex_width=128, cortex_depth=3)
 
 LR = 1e-2
 
@@ -128,20 +133,28 @@ def test_finetune_config_takes_the_model_from_its_source(tmp_path):
       finetune.get_config(arg)
 
 
-def test_a_variant_name_loads_its_official_weights(monkeypatch):
-  """init_from=<variant> goes through train.official_params; the head (init_skip) stays new."""
+@pytest.mark.parametrize('by_name', [True, False])
+def test_official_weights_load_by_variant_name_or_pth(monkeypatch, tmp_path, by_name):
+  """init_from=<variant> reads its release file through load_pretrained (here the fixture behind
+  a file:// URL); init_from=FILE.pth reads the file; the head (init_skip) stays new."""
+  fixture = REPO / 'tests' / 'fixtures' / 'sf_v1_tiny_library_format.pth'
+  monkeypatch.setitem(pretrained.PRETRAINED_URLS, 'sparseformer_v1_tiny', fixture.as_uri())
+  monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / 'cache'))
   config = common.smoke(config_schema.base_config())
-  config.init_from, config.init_skip = 'sparseformer_v1_tiny', 'head'
-  official = _params(num_classes=1000)
-  monkeypatch.setattr(train, 'official_params', lambda name: official)
+  config.model.overrides.update(FIXTURE_MODEL)
+  config.init_from = 'sparseformer_v1_tiny' if by_name else str(fixture)
+  config.init_skip = 'head'
+  model = create_model('sparseformer_v1_tiny', num_classes=3, **FIXTURE_MODEL)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))['params']
   mesh = sharding.create_mesh(config.mesh)
-  abstract = {'params': jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
-                                     _params())}
-  shardings = sharding.state_shardings(abstract, mesh)
-  loaded = _flat(train.load_init_weights(config, abstract, shardings, mesh)['params'])
+  shardings = sharding.state_shardings({'params': shapes}, mesh)
+  loaded = _flat(train.load_init_weights(config, {'params': shapes}, shardings, mesh)['params'])
+  official = _flat(load_torch_checkpoint(str(fixture), 'sparseformer_v1_tiny',
+                                         **FIXTURE_MODEL)['params'])
   assert not any(n.startswith('head/') for n in loaded)
+  assert set(loaded) == {n for n in official if not n.startswith('head/')}
   for name, value in loaded.items():
-    np.testing.assert_array_equal(value, _flat(official)[name])
+    np.testing.assert_array_equal(value, official[name])
 
 
 def test_finetune_on_a_folder_of_images(tmp_path, main_env, smoke_run):

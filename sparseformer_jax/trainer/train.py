@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from sparseformer_jax.trainer import checkpointing
 from sparseformer_jax.trainer import config_schema
-from sparseformer_jax import VARIANTS, create_model
+from sparseformer_jax import VARIANTS, create_model, load_pretrained
 from sparseformer_jax.trainer import metrics as metrics_lib
 from sparseformer_jax.trainer import optim
 from sparseformer_jax.trainer import preemption
@@ -298,13 +298,22 @@ class _FiniteCheck:
                     step, loss, grad_norm, int(m['train/skipped_steps']))
 
 
-def official_params(name: str) -> dict:
-  """The official released weights of the variant `name`, as a params tree in host memory."""
-  raise config_schema.ConfigError(
-      f'config.init_from={name!r} names a variant, whose official weights this version cannot '
-      f'fetch by name: download its .pth from the official SparseFormer release, convert it '
-      f'with scripts/convert_checkpoint.py --torch FILE --model {name} --out DIR and set '
-      'init_from=DIR.')
+def is_pretrained_source(init_from: str) -> bool:
+  """A variant name (its official weights), a PyTorch .pth file or an http(s)/file URL."""
+  return (init_from in VARIANTS and not epath.Path(init_from).exists()) or init_from.endswith(
+      '.pth') or init_from.split('://')[0] in ('http', 'https', 'file')
+
+
+def official_params(config) -> dict:
+  """config.init_from's weights through load_pretrained (downloaded once into its cache), as a
+  params tree in host memory: a variant's official release file, or a .pth / URL of them."""
+  name, source = ((config.init_from, None) if config.init_from in VARIANTS
+                  else (config.model.name, config.init_from))
+  fields = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
+  try:
+    return load_pretrained(name, source, **fields)[1]['params']
+  except (ValueError, OSError, RuntimeError) as e:
+    raise config_schema.ConfigError(f'config.init_from={config.init_from!r}: {e}') from e
 
 
 def _on_mesh(params, source: str, config, abstract, shardings) -> dict:
@@ -320,7 +329,7 @@ def load_init_weights(config, abstract, shardings, mesh) -> dict:
   """config.init_from's {'params'} (and, for eval-only, 'ema_params' if saved), on the mesh.
 
   init_from is a checkpoint (see checkpointing._resolve) or a variant name (its official
-  weights, see official_params). With init_inflate_replicates > 0 they are image weights,
+  weights, a .pth or a URL: see official_params). With init_inflate_replicates > 0 they are image weights,
   inflated into this video model. Params under config.init_skip are left out (the caller keeps
   their fresh initialization).
   """
@@ -331,9 +340,8 @@ def load_init_weights(config, abstract, shardings, mesh) -> dict:
     params = inflate.inflate_from_image({'params': image_params},
                                         config.init_inflate_replicates)['params']
     return _on_mesh(params, f'{config.init_from} (inflated)', config, abstract, shardings)
-  if config.init_from in VARIANTS and not epath.Path(config.init_from).exists():
-    return _on_mesh(official_params(config.init_from), f'the official {config.init_from}',
-                    config, abstract, shardings)
+  if is_pretrained_source(config.init_from):
+    return _on_mesh(official_params(config), config.init_from, config, abstract, shardings)
   # Training starts its EMA from the loaded params; eval-only evaluates a saved EMA too.
   wanted = ('params', 'ema_params') if config.eval_only else ('params',)
   return checkpointing.load_entries(config.init_from, {k: abstract[k] for k in wanted},

@@ -133,12 +133,17 @@ def expected_params(cfg: SparseFormerConfig):
 
 
 def checkpoint_config(state_dict: Mapping[str, Any], name: str, **overrides) -> SparseFormerConfig:
-  """The config matching a checkpoint: the variant, the layout's numerics flavor, overrides."""
+  """The config matching a checkpoint: the variant, the layout's numerics flavor, the head's
+  class count (unless `overrides` give num_classes), overrides."""
   layout = detect_layout(state_dict)
-  flavor = {"flavor": layout}
+  fields = {"flavor": layout}
   if layout == "library":
-    flavor["grad_clamp"] = False       # the library's v1 flavor does not clamp (SPEC §3)
-  return get_config(name, **{**flavor, **overrides})
+    fields["grad_clamp"] = False       # the library's v1 flavor does not clamp (SPEC §3)
+  cfg = get_config(name, **{**fields, **overrides})
+  head = state_dict.get(torch_key(cfg, layout, ("head", "kernel")))
+  if "num_classes" not in overrides and head is not None and head.ndim == 2:
+    cfg = get_config(name, **{**fields, "num_classes": head.shape[0], **overrides})
+  return cfg
 
 
 def load_torch_checkpoint(source: Union[str, os.PathLike, Mapping[str, Any]], name: str,
@@ -185,5 +190,6 @@ def load_torch_model(source, name: str, **overrides):
   state_dict = _to_numpy_state_dict(source)
   cfg = checkpoint_config(state_dict, name, **overrides)
   variables = load_torch_checkpoint(state_dict, name, **{**overrides, "flavor": cfg.flavor,
-                                                         "grad_clamp": cfg.grad_clamp})
+                                                         "grad_clamp": cfg.grad_clamp,
+                                                         "num_classes": cfg.num_classes})
   return SparseFormer(cfg), variables
