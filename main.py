@@ -85,14 +85,14 @@ def _config_error(argv, error: BaseException) -> str:
 def _parse_flags(argv):
   """absl's flag parsing, every failure (the config file's included) told in one line."""
   try:
-    argv = flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
     _CONFIG.value.keys()  # A config file that failed to load raises only when read.
   except flags.Error as e:  # A value of the wrong type, an unknown flag, a failing get_config.
     text = str(e) if 'Error whilst parsing config file' not in str(e) else _one_line(_innermost(e))
     sys.exit(f'main.py: {" ".join(text.split())}')
   except Exception as e:  # pylint: disable=broad-exception-caught
-    sys.exit(f'main.py: {_config_error(sys.argv, e)}')
-  return argv
+    sys.exit(f'main.py: {_config_error(argv, e)}')
+  return remaining
 
 
 def main(argv):

@@ -50,13 +50,25 @@ def parse_overrides(items):
 
 
 def convert(torch_path: str, model: str, out: str, overrides: dict) -> dict:
-  """Writes <out>/0/state = {'params'}; returns the model fields the config must set."""
-  if epath.Path(out).exists() and any(epath.Path(out).iterdir()):
+  """Writes <out>/0/state = {'params'}; returns the model fields the config must set.
+
+  `out` appears complete or not at all: the checkpoint is written beside it and renamed.
+  """
+  target = epath.Path(checkpointing.absolute(out))
+  if target.exists() and (not target.is_dir() or any(target.iterdir())):
     raise ValueError(f'--out {out} is not empty; choose a new directory.')
   module, variables = load_torch_model(torch_path, model, **overrides)
-  checkpoints = checkpointing.Checkpoints(out, keep=1)
-  checkpoints.save(0, {'params': variables['params']}, wait=True)
-  checkpoints.close()
+  partial = target.parent / f'.{target.name}.partial-{os.getpid()}'
+  try:
+    checkpoints = checkpointing.Checkpoints(str(partial), keep=1)
+    checkpoints.save(0, {'params': variables['params']}, wait=True)
+    checkpoints.close()
+    if target.exists():
+      target.rmdir()  # empty, as checked
+    partial.rename(target)
+  finally:
+    if partial.exists():
+      partial.rmtree()
   default = get_config(model, **overrides)
   return {field: getattr(module.config, field) for field in ('flavor', 'grad_clamp')
           if getattr(module.config, field) != getattr(default, field)}
@@ -67,8 +79,12 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   checkpointing.quiet_orbax_logging()
   overrides = parse_overrides(_OVERRIDE.value)
-  fields = convert(_TORCH.value, _MODEL.value, _OUT.value, overrides)
-  print(f'Wrote {epath.Path(_OUT.value) / "0"}; use it with --config.init_from={_OUT.value}')
+  out = checkpointing.absolute(_OUT.value)
+  try:
+    fields = convert(_TORCH.value, _MODEL.value, out, overrides)
+  except (ValueError, checkpointing.CheckpointError) as e:
+    sys.exit(f'convert_checkpoint.py: {e}')
+  print(f'Wrote {epath.Path(out) / "0"}; use it with --config.init_from={out}')
   for field, value in {**overrides, **fields}.items():
     if field != 'num_classes':  # That one comes from the dataset.
       print(f'  set --config.model.overrides.{field}={value!r} (the checkpoint was made so)')

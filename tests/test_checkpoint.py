@@ -192,9 +192,26 @@ def test_converted_pytorch_checkpoint_loads_exactly_and_evaluates(main_env, tmp_
   assert by_step(records, 'val/top1') == by_step(records, 'ema_val/top1')  # EMA = params
 
 
+def test_a_relative_convert_out_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # --out converted/sf_t, as the README has it
+  def full_disk(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpointing.Checkpoints, 'save', full_disk)
+    with pytest.raises(OSError, match='No space left'):
+      _convert('converted/sf_t')
+  assert list((tmp_path / 'converted').iterdir()) == []  # no partial directory to trip over
+  _convert('converted/sf_t')  # the same command again
+  assert (tmp_path / 'converted' / 'sf_t' / '0' / 'commit_success.txt').exists()
+  assert [p.name for p in (tmp_path / 'converted').iterdir()] == ['sf_t']
+  with pytest.raises(ValueError, match='--out converted/sf_t is not empty'):
+    _convert('converted/sf_t')
+
+
 def test_a_checkpoint_of_another_model_is_refused_before_compiling(smoke_run, tmp_path,
                                                                    no_compiles):
   shutil.copytree(smoke_run, tmp_path / 'run')
+  recorded = (tmp_path / 'run' / 'config.json').read_text()
   config = smoke_config()
   config.model.overrides.num_tokens = 16
   config.model.overrides.cortex_depth = 3
@@ -203,6 +220,18 @@ def test_a_checkpoint_of_another_model_is_refused_before_compiling(smoke_run, tm
   message = str(error.value)
   assert 'missing in the checkpoint' in message and 'params/cortex/unit_2/' in message
   assert 'params/initial_roi: checkpoint (9, 4) vs model (16, 4)' in message
+  assert no_compiles() == 0
+  # The record still describes the checkpoints (scripts/visualize.py --checkpoint reads it).
+  assert (tmp_path / 'run' / 'config.json').read_text() == recorded
+
+
+def test_a_finished_run_started_again_changes_nothing(smoke_run, tmp_path, no_compiles):
+  shutil.copytree(smoke_run, tmp_path / 'run')
+  before = (tmp_path / 'run' / 'metrics.jsonl').read_text()
+  results = train.train_and_evaluate(smoke_config(), str(tmp_path / 'run'))
+  assert (tmp_path / 'run' / 'metrics.jsonl').read_text() == before  # no second eval record
+  final = [r for r in read_metrics(smoke_run) if 'val/top1' in r][-1]
+  assert results == {k: v for k, v in final.items() if k != 'step'}
   assert no_compiles() == 0
 
 

@@ -61,6 +61,7 @@ Mixup/CutMix and label smoothing act in every mode (mixup = cutmix = 0 and
 label_smoothing = 0 give one-hot targets).
 """
 
+import difflib
 import importlib
 import itertools
 import math
@@ -152,9 +153,11 @@ def get_builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   try:
     return tfds.builder(dataset, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as error:
+    close = difflib.get_close_matches(dataset.split('/')[0], tfds.list_builders(), n=3)
     raise DatasetNotFoundError(
         f'TFDS has no dataset named {dataset!r} (config.dataset; data_dir '
-        f'{data_dir or tfds.core.constants.DATA_DIR!r}): {error}') from error
+        f'{data_dir or tfds.core.constants.DATA_DIR!r})'
+        + (f'; did you mean {" or ".join(close)}?' if close else '.')) from error
 
 
 def _is_generated_locally(builder) -> bool:

@@ -289,7 +289,7 @@ class Checkpoints:
 
 def _resolve(path: str):
   """(checkpoints directory, step) from a workdir, a checkpoints directory or a step directory."""
-  path = epath.Path(path)
+  path = epath.Path(absolute(path))  # e.g. init_from=converted/sf_t
   if not path.is_dir():
     raise FileNotFoundError(
         f'{path} is {"not a directory" if path.exists() else "not there"}: init_from takes a '

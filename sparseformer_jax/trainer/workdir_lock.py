@@ -27,6 +27,11 @@ class WorkdirLockedError(RuntimeError):
   """Another run holds the workdir."""
 
 
+def _has_locks(workdir: str) -> bool:
+  """Local and NFS disks have fcntl locks; object stores (gs://, s3://) do not."""
+  return '://' not in str(workdir)
+
+
 def _start_time(pid: int):
   """The process's start time in clock ticks since boot (tells a reused pid apart), or None."""
   try:
@@ -73,7 +78,7 @@ class WorkdirLock:
   def __init__(self, workdir: str):
     self.path = epath.Path(workdir) / LOCK_FILE
     self._file = None
-    self._remote = '://' in str(workdir)
+    self._remote = not _has_locks(workdir)
     error = None
     if jax.process_index() == 0:
       try:

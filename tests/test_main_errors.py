@@ -1,0 +1,141 @@
+"""Every bad argument or config gets one line from main.py naming the field and the fix, before
+anything compiles, never a traceback. The cases run in this process, in milliseconds each:
+main.py's flag parsing, then the trainer's checks, whose errors main.py prints as its line."""
+import functools
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from conftest import REPO, main_command, smoke_config
+from sparseformer_jax.trainer import checkpointing
+from sparseformer_jax.trainer import config_schema
+from sparseformer_jax.trainer import train
+from sparseformer_jax.trainer import workdir_lock
+
+SMOKE = '--config=configs/default.py:smoke'
+# The errors main.py turns into its one line (and exit status 1).
+MAIN_REPORTS = (config_schema.ConfigError, checkpointing.CheckpointError,
+                workdir_lock.WorkdirLockedError, FloatingPointError)
+
+
+@functools.lru_cache(maxsize=None)
+def _main_module():
+  """main.py as a module, loaded once (it defines absl flags)."""
+  spec = importlib.util.spec_from_file_location('sparseformer_main', REPO / 'main.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _parse(argv, monkeypatch) -> str:
+  """What `python main.py ARGV` prints when its flags or config do not parse (it must exit)."""
+  main = _main_module()
+  monkeypatch.chdir(REPO)
+  monkeypatch.setattr(sys, 'argv', ['main.py', *argv])  # config_flags reads overrides there
+  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
+    delattr(flags.FLAGS, name)  # the previous case's --config.field overrides
+  flags.FLAGS.unparse_flags()
+  with pytest.raises(SystemExit) as exit_:
+    main._parse_flags(sys.argv)  # pylint: disable=protected-access
+  assert isinstance(exit_.value.code, str), exit_.value.code  # sys.exit(message): status 1
+  return exit_.value.code
+
+
+def _one_line(message: str, expected: str) -> None:
+  assert '\n' not in message and 'Traceback' not in message, message
+  assert expected in message, message
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--config=configs/no_such_config.py'], '--config configs/no_such_config.py: no such file'),
+    (['--config={tmp}/syntax_error.py'], '{tmp}/syntax_error.py:1: invalid syntax'),
+    (['--config=configs/default.py:smok'], "Unknown config argument 'smok': use 'smoke'"),
+    ([SMOKE, '--config.optimizer.lr=0.1'], 'config.optimizer.lr is not a known field. Did you '
+                                           'mean optimizer.base_lr?'),
+    ([SMOKE, '--config.global_batch_size=3x'], "flag --config.global_batch_size=3x: invalid "
+                                               "literal for int() with base 10: '3x'"),
+    ([SMOKE, '--config.eval_only=maybe'], 'flag --config.eval_only=maybe'),
+    ([SMOKE, '--no_such_flag=1'], "Unknown command line flag 'no_such_flag'"),
+])
+def test_a_bad_flag_or_config_file_gets_one_line(tmp_path, monkeypatch, argv, message):
+  (tmp_path / 'syntax_error.py').write_text('def get_config(:\n')
+  line = _parse([a.format(tmp=tmp_path) for a in argv] + [f'--workdir={tmp_path}'], monkeypatch)
+  assert line.startswith('main.py: ')
+  _one_line(line, message.format(tmp=tmp_path))
+
+
+def _smoke(**fields):
+  config = smoke_config()
+  for dotted, value in fields.items():
+    *parents, leaf = dotted.split('__')
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+# (config fields, workdir under tmp, the line): every check that runs before anything compiles.
+BAD_RUNS = [
+    (dict(global_batch_size=0), 'run', 'config.global_batch_size=0 must be > 0'),
+    (dict(optimizer__base_lr=-0.1), 'run', 'config.optimizer.base_lr=-0.1 must be > 0'),
+    (dict(optimizer__base_lr=0.0), 'run', 'config.optimizer.base_lr=0.0 must be > 0'),
+    (dict(num_train_steps=-1, num_epochs=0.0), 'run', 'The run has no length: set '
+                                                      'config.num_epochs'),
+    (dict(checkpoint_every_steps=-5), 'run', 'config.checkpoint_every_steps=-5 must be >= 0'),
+    (dict(nan_skip_limit=0), 'run', 'config.nan_skip_limit=0 must be > 0'),
+    (dict(nan_policy='ignore'), 'run', "config.nan_policy='ignore' is not one of"),
+    (dict(input__image_size=5), 'run', "config.input.image_size=5 is smaller than the stem's "
+                                       '7x7 convolution: use at least 7'),
+    ({}, '', '--workdir is empty: pass the directory'),
+    ({}, 'a_file', '--workdir {tmp}/a_file is a file: pass a directory'),
+    (dict(init_from='{tmp}/missing'), 'run', "config.init_from='{tmp}/missing': {tmp}/missing "
+                                             'is not there: init_from takes a workdir'),
+    (dict(init_from='{tmp}/a_file'), 'run', 'a_file is not a directory: init_from takes'),
+    (dict(init_from='{tmp}/empty'), 'run', 'No complete checkpoint under {tmp}/empty'),
+    (dict(eval_only=True), 'run', 'config.eval_only needs weights: {tmp}/run has no '
+                                  'checkpoint; set config.init_from'),
+    (dict(dataset='no_such_dataset'), 'run', "config.dataset='no_such_dataset': TFDS has no "
+                                             "dataset named 'no_such_dataset'"),
+    (dict(data_dir='{tmp}/nowhere'), 'run', "config.data_dir='{tmp}/nowhere' is not a "
+                                            'directory: pass your TFDS data directory'),
+]
+
+
+@pytest.mark.parametrize('fields, workdir, message', BAD_RUNS,
+                         ids=[m.split(':')[0][:40] for _, _, m in BAD_RUNS])
+def test_a_bad_config_or_workdir_gets_one_line_before_anything_compiles(
+    tmp_path, no_compiles, fields, workdir, message):
+  (tmp_path / 'a_file').write_text('not a directory')
+  (tmp_path / 'empty').mkdir()
+  config = _smoke(**{k: v.format(tmp=tmp_path) if isinstance(v, str) else v
+                     for k, v in fields.items()})
+  with pytest.raises(MAIN_REPORTS) as error:  # what main.py prints as its one line
+    train.train_and_evaluate(config, str(tmp_path / workdir) if workdir else '')
+  _one_line(str(error.value), message.format(tmp=tmp_path))
+  assert no_compiles() == 0
+
+
+def test_another_models_checkpoint_as_init_from_lists_the_differences(smoke_run, tmp_path,
+                                                                      no_compiles):
+  config = _smoke(init_from=str(smoke_run), model__overrides__num_tokens=16)
+  with pytest.raises(MAIN_REPORTS) as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  first, *differences = str(error.value).splitlines()
+  assert first.startswith(f'The checkpoint {smoke_run}/checkpoints/12 does not match')
+  assert '    params/initial_roi: checkpoint (9, 4) vs model (16, 4)' in differences
+  assert 'set config.init_skip=head' in differences[-1]
+  assert no_compiles() == 0
+
+
+def test_main_prints_the_one_line_and_exits_1(main_env, tmp_path):
+  (tmp_path / 'a_file').write_text('not a directory')
+  result = subprocess.run(main_command(tmp_path / 'a_file'), env=main_env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.splitlines()[-1] == (f'main.py: --workdir {tmp_path}/a_file is a file: '
+                                            'pass a directory (it is created if missing).')
