@@ -3,6 +3,8 @@ anything compiles, never a traceback. The cases run in this process, in millisec
 main.py's flag parsing, then the trainer's checks, whose errors main.py prints as its line."""
 import functools
 import importlib.util
+import os
+import socket
 import subprocess
 import sys
 
@@ -132,10 +134,17 @@ def test_another_models_checkpoint_as_init_from_lists_the_differences(smoke_run,
 
 
 def test_main_prints_the_one_line_and_exits_1(main_env, tmp_path):
-  (tmp_path / 'a_file').write_text('not a directory')
-  result = subprocess.run(main_command(tmp_path / 'a_file'), env=main_env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False)
+  """A second run on a workdir in use (here held by this process) is refused at start."""
+  first = workdir_lock.WorkdirLock(str(tmp_path))
+  try:
+    result = subprocess.run(main_command(tmp_path), env=main_env, cwd=REPO, capture_output=True,
+                            text=True, timeout=300, check=False)
+  finally:
+    first.release()
   assert result.returncode == 1
   assert 'Traceback' not in result.stderr
-  assert result.stderr.splitlines()[-1] == (f'main.py: --workdir {tmp_path}/a_file is a file: '
-                                            'pass a directory (it is created if missing).')
+  assert result.stderr.splitlines()[-1] == (
+      f'main.py: The workdir {tmp_path} is in use by process {os.getpid()} on host '
+      f'{socket.gethostname()} (lock {tmp_path}/run.lock): wait for that run to end or stop it, '
+      'or pass another --workdir.')
+  assert not (tmp_path / 'checkpoints').exists()  # refused before touching anything

@@ -88,6 +88,11 @@ def _step_dirs(directory: epath.Path):
   return sorted(complete), partial
 
 
+def _tmp_saves(directory: epath.Path) -> list:
+  """Our own saves that never completed (Orbax's tmp directories): nothing else uses them."""
+  return [path for path in _step_dirs(directory)[1] if _TMP_STEP_DIR.match(path.name)]
+
+
 def _move_aside(path: epath.Path, suffix: str) -> epath.Path:
   """Renames <step> to <step>.<suffix> (or .<suffix>-2, ...): out of every run's sight, kept."""
   target, n = path.parent / f'{path.name}.{suffix}', 1
@@ -106,14 +111,13 @@ def _sync(name: str) -> None:
 def _set_aside_partial(directory: epath.Path) -> None:
   """Deletes our interrupted saves, moves uncommitted step directories aside (process 0)."""
   if jax.process_index() == 0:
+    for path in _tmp_saves(directory):
+      logging.warning('Deleting %s, a save that was interrupted; resuming from the latest '
+                      'complete checkpoint.', path)
+      path.rmtree()
     for path in _step_dirs(directory)[1]:
-      if _TMP_STEP_DIR.match(path.name):
-        logging.warning('Deleting %s, a save that was interrupted; resuming from the latest '
-                        'complete checkpoint.', path)
-        path.rmtree()
-      else:
-        logging.warning('Ignoring %s: it has no %s (a save cut short, or a damaged copy); moved '
-                        'it aside to %s.', path, _COMMIT_FILE, _move_aside(path, 'incomplete'))
+      logging.warning('Ignoring %s: it has no %s (a save cut short, or a damaged copy); moved '
+                      'it aside to %s.', path, _COMMIT_FILE, _move_aside(path, 'incomplete'))
   _sync('checkpointing: partial checkpoints set aside')
 
 
@@ -223,9 +227,8 @@ class Checkpoints:
     except Exception as e:  # pylint: disable=broad-exception-caught
       step, self._saving, self._failed = self._saving, None, True
       if jax.process_index() == 0:
-        for path in _step_dirs(self.directory)[1]:
-          if _TMP_STEP_DIR.match(path.name):
-            path.rmtree(missing_ok=True)
+        for path in _tmp_saves(self.directory):
+          path.rmtree(missing_ok=True)
       complete = _step_dirs(self.directory)[0]
       kept = (f'the complete checkpoints ({", ".join(map(str, complete))}) are intact'
               if complete else 'there is no earlier checkpoint')
