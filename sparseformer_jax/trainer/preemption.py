@@ -31,13 +31,14 @@ class PreemptionWatcher:
   def _on_signal(self, signum, frame):
     del frame
     name = _SIGNALS[signal.Signals(signum)]
-    if self._notified:
+    # Set first: the next signal may run this handler again in the middle of the logging.
+    already, self._notified = self._notified, True
+    if already:
       logging.warning('%s received again: already stopping, the checkpoint is being saved '
                       '(kill -9 would lose it).', name)
       return
     logging.warning('%s received: saving a checkpoint after the current step, then stopping '
                     '(run the same command again to resume).', name)
-    self._notified = True
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
