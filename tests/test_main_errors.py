@@ -1,17 +1,14 @@
 """Every bad argument or config gets one line from main.py naming the field and the fix, before
-anything compiles, never a traceback. The cases run in this process, in milliseconds each:
-main.py's flag parsing, then the trainer's checks, whose errors main.py prints as its line."""
-import functools
-import importlib.util
+anything compiles, never a traceback. Cheaply: main.py's flag parsing of every case in one
+process, the trainer's checks (whose errors main.py prints as its line) in this one."""
+import json
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
-from absl import flags
 
-from conftest import REPO, main_command, smoke_config
+from conftest import REPO, main_command, run_python, smoke_config
 from sparseformer_jax.trainer import checkpointing
 from sparseformer_jax.trainer import config_schema
 from sparseformer_jax.trainer import train
@@ -22,28 +19,26 @@ SMOKE = '--config=configs/default.py:smoke'
 MAIN_REPORTS = (config_schema.ConfigError, checkpointing.CheckpointError,
                 workdir_lock.WorkdirLockedError, FloatingPointError)
 
-
-@functools.lru_cache(maxsize=None)
-def _main_module():
-  """main.py as a module, loaded once (it defines absl flags)."""
-  spec = importlib.util.spec_from_file_location('sparseformer_main', REPO / 'main.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def _parse(argv, monkeypatch) -> str:
-  """What `python main.py ARGV` prints when its flags or config do not parse (it must exit)."""
-  main = _main_module()
-  monkeypatch.chdir(REPO)
-  monkeypatch.setattr(sys, 'argv', ['main.py', *argv])  # config_flags reads overrides there
+# Parses main.py's flags for each argv of argv[1] (JSON) in turn; prints {index: exit message}.
+PARSE_DRIVER = """
+import importlib.util, json, sys
+from absl import flags
+spec = importlib.util.spec_from_file_location('sparseformer_main', 'main.py')
+main = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(main)
+messages = {}
+for i, argv in enumerate(json.loads(sys.argv[1])):
+  sys.argv = ['main.py', *argv]  # config_flags reads the overrides there
   for name in [n for n in flags.FLAGS if n.startswith('config.')]:
-    delattr(flags.FLAGS, name)  # the previous case's --config.field overrides
+    delattr(flags.FLAGS, name)  # the previous argv's --config.field overrides
   flags.FLAGS.unparse_flags()
-  with pytest.raises(SystemExit) as exit_:
-    main._parse_flags(sys.argv)  # pylint: disable=protected-access
-  assert isinstance(exit_.value.code, str), exit_.value.code  # sys.exit(message): status 1
-  return exit_.value.code
+  try:
+    main._parse_flags(sys.argv)
+    messages[i] = None
+  except SystemExit as e:
+    messages[i] = e.code
+print(json.dumps(messages))
+"""
 
 
 def _one_line(message: str, expected: str) -> None:
@@ -51,7 +46,7 @@ def _one_line(message: str, expected: str) -> None:
   assert expected in message, message
 
 
-@pytest.mark.parametrize('argv, message', [
+FLAG_CASES = [
     (['--config=configs/no_such_config.py'], '--config configs/no_such_config.py: no such file'),
     (['--config={tmp}/syntax_error.py'], '{tmp}/syntax_error.py:1: invalid syntax'),
     (['--config=configs/default.py:smok'], "Unknown config argument 'smok': use 'smoke'"),
@@ -61,12 +56,27 @@ def _one_line(message: str, expected: str) -> None:
                                                "literal for int() with base 10: '3x'"),
     ([SMOKE, '--config.eval_only=maybe'], 'flag --config.eval_only=maybe'),
     ([SMOKE, '--no_such_flag=1'], "Unknown command line flag 'no_such_flag'"),
-])
-def test_a_bad_flag_or_config_file_gets_one_line(tmp_path, monkeypatch, argv, message):
-  (tmp_path / 'syntax_error.py').write_text('def get_config(:\n')
-  line = _parse([a.format(tmp=tmp_path) for a in argv] + [f'--workdir={tmp_path}'], monkeypatch)
-  assert line.startswith('main.py: ')
-  _one_line(line, message.format(tmp=tmp_path))
+]
+
+
+@pytest.fixture(scope='module')
+def flag_errors(main_env, tmp_path_factory):
+  """(tmp dir, {case index: what main.py exits with}): main.py's flag parsing of every case,
+  in one process with no other flags defined."""
+  tmp = tmp_path_factory.mktemp('flags')
+  (tmp / 'syntax_error.py').write_text('def get_config(:\n')
+  argvs = [[a.format(tmp=tmp) for a in argv] + [f'--workdir={tmp}'] for argv, _ in FLAG_CASES]
+  result = run_python(main_env, PARSE_DRIVER, json.dumps(argvs))
+  return tmp, {int(k): v for k, v in json.loads(result.stdout.splitlines()[-1]).items()}
+
+
+@pytest.mark.parametrize('case', range(len(FLAG_CASES)),
+                         ids=[' '.join(a[1:] or a) for a, _ in FLAG_CASES])
+def test_a_bad_flag_or_config_file_gets_one_line(flag_errors, case):
+  tmp, messages = flag_errors
+  line = messages[case]
+  assert line is not None and line.startswith('main.py: '), line
+  _one_line(line, FLAG_CASES[case][1].format(tmp=tmp))
 
 
 def _smoke(**fields):
