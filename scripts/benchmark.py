@@ -44,6 +44,7 @@ from sparseformer_jax import create_model
 from sparseformer_jax.analysis import profiling
 from sparseformer_jax.ops import xla_cpu
 from sparseformer_jax.models.config import parse_overrides
+from sparseformer_jax.models.stem import KERNEL
 from sparseformer_jax.baselines.vit import VIT_VARIANTS, create_vit
 from sparseformer_jax.ops.sub_batches import apply_in_sub_batches
 
@@ -238,25 +239,60 @@ def plot_sweep(rows, path: str) -> None:
   plt.close(fig)
 
 
+def _at_least(minimum: int):
+  """An argparse type: an int >= minimum, else one line saying so."""
+  def parse(text):
+    value = int(text)  # not an int: argparse's "invalid int value"
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"{value} is too small: use {minimum} or more")
+    return value
+  parse.__name__ = "int"
+  return parse
+
+
+def _check_models(parser, args) -> None:
+  """Model names, overrides and sizes, before anything is built or compiled (parser.error)."""
+  models = [(args.model, args.override)]
+  if args.sweep and args.baseline:
+    models.append((args.baseline, args.baseline_override))
+  try:
+    for name, overrides in models:
+      build_model(name, args.dtype, parse_overrides(overrides))
+  except (ValueError, TypeError) as e:
+    parser.error(" ".join(str(e).split()))
+  try:
+    sides = [int(s) for s in args.sweep.split(",")] if args.sweep else list(args.resolution)
+  except ValueError:
+    parser.error(f"--sweep {args.sweep!r}: expected comma-separated sides, e.g. 224,448,896")
+  if args.model not in VIT_VARIANTS and min(sides) < KERNEL:
+    parser.error(f"resolution {min(sides)} is below the stem's {KERNEL}x{KERNEL} convolution: "
+                 f"use at least {KERNEL}")
+  if args.batch_size % args.sub_batches:
+    parser.error(f"--batch-size {args.batch_size} does not split into --sub-batches "
+                 f"{args.sub_batches}: use a multiple of it")
+
+
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+  parser = argparse.ArgumentParser(prog=os.path.basename(__file__),
+                                   description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="sparseformer_v1_tiny",
                       help="a SparseFormer variant or a ViT baseline: " + ", ".join(VIT_VARIANTS))
   parser.add_argument("--mode", choices=("infer", "train"), default="infer")
-  parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--sub-batches", type=int, default=1,
+  parser.add_argument("--batch-size", type=_at_least(1), default=32)
+  parser.add_argument("--sub-batches", type=_at_least(1), default=1,
                       help="run each batch as this many interleaved sub-batches in one program "
                            "(config.sub_batches): faster on CPU, e.g. 4; 1 on GPU/TPU")
   parser.add_argument("--resolution", type=parse_resolution, default=(224, 224),
                       help="H or HxW in pixels")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="compute dtype (params stay float32)")
-  parser.add_argument("--reps", type=int, default=5, help="timed repetitions (0: compile only)")
-  parser.add_argument("--steps", type=int, default=1, help="calls per repetition")
-  parser.add_argument("--warmup", type=int, default=3,
+  parser.add_argument("--reps", type=_at_least(0), default=5,
+                      help="timed repetitions (0: compile only)")
+  parser.add_argument("--steps", type=_at_least(1), default=1, help="calls per repetition")
+  parser.add_argument("--warmup", type=_at_least(0), default=3,
                       help="untimed calls after compiling (the heap reaches its size in a few)")
-  parser.add_argument("--reference-size", type=int, default=2048,
+  parser.add_argument("--reference-size", type=_at_least(0), default=2048,
                       help="side of the float32 matmul timed before and after the repetitions, "
                            "to tell a slow window of a shared machine (0: skip)")
   parser.add_argument("--override", action="append", default=[],
@@ -271,13 +307,14 @@ def parse_args(argv):
   parser.add_argument("--plot", default="", help="sweep: save the plot to this PNG")
   parser.add_argument("--profile", default="",
                       help="profile one more step into this folder and print op time by layer")
-  parser.add_argument("--profile-depth", type=int, default=3,
+  parser.add_argument("--profile-depth", type=_at_least(1), default=3,
                       help="layer path components the profile groups by, e.g. 3: "
                            "SparseFormer/cortex/unit_1")
   args = parser.parse_args(argv)
   if args.profile and args.sweep:
     parser.error("--profile profiles one configuration: drop --sweep, or profile each "
                  "--resolution in its own run.")
+  _check_models(parser, args)
   return args
 
 

@@ -54,21 +54,33 @@ def parse_overrides(items):
 
 def convert(torch_path: str, model: str, out: str, overrides: dict) -> dict:
   """Writes <out>/0/state = {'params'} and <out>/model.json; returns the model fields the
-  config must set."""
-  if epath.Path(out).exists() and any(epath.Path(out).iterdir()):
+  config must set.
+
+  `out` appears complete or not at all: the checkpoint is written beside it and renamed.
+  """
+  target = epath.Path(checkpointing.absolute(out))
+  if target.exists() and (not target.is_dir() or any(target.iterdir())):
     raise ValueError(f'--out {out} is not empty; choose a new directory.')
   if not torch_path and model not in pretrained.PRETRAINED_URLS:
     raise ValueError(f'{model!r} has no official release file (released: '
                      f'{", ".join(pretrained.PRETRAINED_URLS)}); pass --torch FILE.')
   torch_path = pretrained.fetch(torch_path or pretrained.PRETRAINED_URLS[model])
   module, variables = load_torch_model(torch_path, model, **overrides)
-  checkpoints = checkpointing.Checkpoints(out, keep=1)
-  checkpoints.save(0, {'params': variables['params']}, wait=True)
-  checkpoints.close()
   default = get_config(model, **overrides)
   fields = {field: getattr(module.config, field) for field in ('flavor', 'grad_clamp')
             if getattr(module.config, field) != getattr(default, field)}
-  pretrained.write_model_file(out, model, {**overrides, **fields})
+  partial = target.parent / f'.{target.name}.partial-{os.getpid()}'
+  try:
+    checkpoints = checkpointing.Checkpoints(str(partial), keep=1)
+    checkpoints.save(0, {'params': variables['params']}, wait=True)
+    checkpoints.close()
+    pretrained.write_model_file(str(partial), model, {**overrides, **fields})
+    if target.exists():
+      target.rmdir()  # empty, as checked
+    partial.rename(target)
+  finally:
+    if partial.exists():
+      partial.rmtree()
   return fields
 
 
@@ -77,11 +89,12 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   checkpointing.quiet_orbax_logging()
   overrides = parse_overrides(_OVERRIDE.value)
+  out = checkpointing.absolute(_OUT.value)
   try:
-    fields = convert(_TORCH.value, _MODEL.value, _OUT.value, overrides)
-  except (ValueError, pretrained.DownloadError) as e:  # bad or refused .pth, mismatch, used --out
-    sys.exit(f'convert_checkpoint.py: {e}')
-  print(f'Wrote {epath.Path(_OUT.value) / "0"}; use it with --config.init_from={_OUT.value}')
+    fields = convert(_TORCH.value, _MODEL.value, out, overrides)
+  except (ValueError, checkpointing.CheckpointError, pretrained.DownloadError) as e:
+    sys.exit(f'convert_checkpoint.py: {e}')  # bad or refused .pth, mismatch, used --out
+  print(f'Wrote {epath.Path(out) / "0"}; use it with --config.init_from={out}')
   for field, value in {**overrides, **fields}.items():
     if field != 'num_classes':  # That one comes from the dataset.
       print(f'  set --config.model.overrides.{field}={value!r} (the checkpoint was made so)')

@@ -100,3 +100,28 @@ def test_sub_batches_reach_the_step_and_keep_the_flops(capsys, monkeypatch, mode
   assert seen == [(4, 1), (4, 2)]   # the traced step ran the batch whole, then as 2 halves
   assert split["sub_batches"] == 2 and whole["sub_batches"] == 1
   assert split["gflops_per_image"] == pytest.approx(whole["gflops_per_image"], rel=0.02)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "argument --batch-size: 0 is too small: use 1 or more"),
+    (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+    (["--sub-batches", "-2"], "argument --sub-batches: -2 is too small: use 1 or more"),
+    (["--steps", "0"], "argument --steps: 0 is too small"),
+    (["--reps", "-1"], "argument --reps: -1 is too small: use 0 or more"),
+    (["--resolution", "0x32"], "resolution '0x32': expected H or HxW"),
+    (["--resolution", "5"], "resolution 5 is below the stem's 7x7 convolution"),
+    (["--batch-size", "6", "--sub-batches", "4"], "--batch-size 6 does not split into "
+                                                  "--sub-batches 4"),
+    (["--model", "sparseformer_v9"], "Unknown model 'sparseformer_v9'. Known models:"),
+    (["--override", "num_tokns=4"], "Unknown model field(s) ['num_tokns']"),
+    (["--override", "num_tokens"], "Model override 'num_tokens': expected field=value"),
+    (["--sweep", "224,big"], "--sweep '224,big': expected comma-separated sides"),
+    (["--sweep", "32", "--baseline-override", "widht=3"], "unexpected keyword argument 'widht'"),
+    (["--mode", "fly"], "argument --mode: invalid choice: 'fly'"),
+])
+def test_bad_arguments_get_one_line_before_anything_is_built(capsys, args, message):
+  with pytest.raises(SystemExit) as exit_:
+    benchmark.parse_args(args)
+  assert exit_.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert error.startswith("benchmark.py: error: ") and message in error, error

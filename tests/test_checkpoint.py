@@ -2,8 +2,10 @@
 import functools
 import importlib.util
 import json
+import resource
 import shutil
 import subprocess
+import time
 
 import flax
 
@@ -36,23 +38,106 @@ def _state(value: float):
           'params': {'w': jnp.full((4, 3), value), 'b': jnp.full((3,), -value)}}
 
 
-def test_only_complete_checkpoints_count_the_newest_kept_and_partial_ones_removed(tmp_path):
+def test_only_complete_checkpoints_count_the_newest_kept_and_partial_ones_set_aside(tmp_path):
   checkpoints = checkpointing.Checkpoints(tmp_path, keep=2)
   for step in (1, 2, 3):
     checkpoints.save(step, _state(step))
   checkpoints.close()
   assert sorted(p.name for p in tmp_path.iterdir()) == ['2', '3']
-  # Left by saves cut short: a tmp dir, and a step dir without its commit file (object stores).
+  # Left by saves cut short: a tmp dir (ours: deleted), and a step dir without its commit file
+  # (object stores, or a damaged copy: moved aside, never deleted).
   (tmp_path / '4.orbax-checkpoint-tmp-1700000000').mkdir()
   shutil.copytree(tmp_path / '3', tmp_path / '5')
   (tmp_path / '5' / 'commit_success.txt').unlink()
 
   checkpoints = checkpointing.Checkpoints(tmp_path, keep=2)
   assert checkpoints.latest_step() == 3
-  assert sorted(p.name for p in tmp_path.iterdir()) == ['2', '3']
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['2', '3', '5.incomplete']
+  assert (tmp_path / '5.incomplete' / 'state').is_dir()
   restored = checkpoints.restore(3, jax.eval_shape(lambda: _state(0)))
   checkpoints.close()
   np.testing.assert_array_equal(restored['params']['w'], np.full((4, 3), 3.0))
+
+
+def _random_state(step: int):
+  """A state whose params do not compress: a damaged data file cannot go unnoticed."""
+  return {'step': jnp.array(step, jnp.int32),
+          'params': {'w': jax.random.normal(jax.random.key(step), (200, 300))}}
+
+
+def _damage(step_dir, how: str) -> None:
+  """Truncates, overwrites with garbage or deletes the largest data file of a checkpoint."""
+  victim = max((p for p in step_dir.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  size = victim.stat().st_size
+  if how == 'truncated':
+    with open(victim, 'r+b') as f:
+      f.truncate(size // 2)
+  elif how == 'garbage':
+    victim.write_bytes(np.random.default_rng(0).bytes(size))
+  else:
+    victim.unlink()
+
+
+@pytest.mark.parametrize('how', ['truncated', 'garbage', 'deleted'])
+def test_a_damaged_checkpoint_is_moved_aside_and_the_newest_that_restores_resumed(
+    tmp_path, caplog, how):
+  checkpoints = checkpointing.Checkpoints(tmp_path, keep=3)
+  for step in (1, 2, 3):
+    checkpoints.save(step, _random_state(step))
+  checkpoints.close()
+  _damage(tmp_path / '3', how)
+  files = sorted(p.relative_to(tmp_path / '3') for p in (tmp_path / '3').rglob('*'))
+
+  abstract = jax.eval_shape(lambda: _random_state(0))
+  checkpoints = checkpointing.Checkpoints(tmp_path, keep=3)
+  step, state = checkpoints.restore_latest(abstract)
+  assert checkpoints.latest_step() == 2
+  checkpoints.close()
+  assert step == 2
+  np.testing.assert_array_equal(state['params']['w'], _random_state(2)['params']['w'])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2', '3.corrupt']
+  assert sorted(p.relative_to(tmp_path / '3.corrupt')
+                for p in (tmp_path / '3.corrupt').rglob('*')) == files  # kept, all of it
+  warning = [r.getMessage() for r in caplog.records if 'does not restore' in r.getMessage()]
+  assert len(warning) == 1 and f'{tmp_path}/3 does not restore' in warning[0]
+  assert 'params.w' in warning[0] and 'resumed from step 2' in warning[0]
+
+  # When no checkpoint restores, the run stops naming each one, and nothing is moved.
+  for step in (1, 2):
+    _damage(tmp_path / str(step), how)
+  checkpoints = checkpointing.Checkpoints(tmp_path, keep=3)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'No checkpoint in \S+ restores: step 2: .*; step 1: .*move them aside'):
+    checkpoints.restore_latest(abstract)
+  checkpoints.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1', '2', '3.corrupt']
+
+
+def test_a_failed_save_is_reported_at_once_without_its_partial_files(tmp_path):
+  """A real failed write: files beyond RLIMIT_FSIZE get EFBIG, as a full disk gets ENOSPC."""
+  checkpoints = checkpointing.Checkpoints(tmp_path, keep=3)
+  checkpoints.save(1, _random_state(1), wait=True)
+  limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, limit[1]))  # the data file is ~240 kB
+  try:
+    checkpoints.save(2, _random_state(2))
+    deadline = time.time() + 60
+    with pytest.raises(checkpointing.CheckpointError) as error:
+      while time.time() < deadline:  # What the train loop does after every step.
+        checkpoints.check()
+        time.sleep(0.05)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+  checkpoints.close()  # The failure was reported: closing does not raise it again.
+  message = str(error.value)
+  assert f'Saving the checkpoint of step 2 into {tmp_path} failed (' in message
+  assert 'File too large' in message and 'the complete checkpoints (1) are intact' in message
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['1']  # its partial files are gone
+  checkpoints = checkpointing.Checkpoints(tmp_path, keep=3)
+  step, state = checkpoints.restore_latest(jax.eval_shape(lambda: _random_state(0)))
+  checkpoints.close()
+  assert step == 1
+  np.testing.assert_array_equal(state['params']['w'], _random_state(1)['params']['w'])
 
 
 def test_restoring_into_another_structure_lists_every_difference(tmp_path):
@@ -110,9 +195,26 @@ def test_converted_pytorch_checkpoint_loads_exactly_and_evaluates(main_env, tmp_
   assert by_step(records, 'val/top1') == by_step(records, 'ema_val/top1')  # EMA = params
 
 
+def test_a_relative_convert_out_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # --out converted/sf_t, as the README has it
+  def full_disk(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpointing.Checkpoints, 'save', full_disk)
+    with pytest.raises(OSError, match='No space left'):
+      _convert('converted/sf_t')
+  assert list((tmp_path / 'converted').iterdir()) == []  # no partial directory to trip over
+  _convert('converted/sf_t')  # the same command again
+  assert (tmp_path / 'converted' / 'sf_t' / '0' / 'commit_success.txt').exists()
+  assert [p.name for p in (tmp_path / 'converted').iterdir()] == ['sf_t']
+  with pytest.raises(ValueError, match='--out converted/sf_t is not empty'):
+    _convert('converted/sf_t')
+
+
 def test_a_checkpoint_of_another_model_is_refused_before_compiling(smoke_run, tmp_path,
                                                                    no_compiles):
   shutil.copytree(smoke_run, tmp_path / 'run')
+  recorded = (tmp_path / 'run' / 'config.json').read_text()
   config = smoke_config()
   config.model.overrides.num_tokens = 16
   config.model.overrides.cortex_depth = 3
@@ -121,6 +223,18 @@ def test_a_checkpoint_of_another_model_is_refused_before_compiling(smoke_run, tm
   message = str(error.value)
   assert 'missing in the checkpoint' in message and 'params/cortex/unit_2/' in message
   assert 'params/initial_roi: checkpoint (9, 4) vs model (16, 4)' in message
+  assert no_compiles() == 0
+  # The record still describes the checkpoints (scripts/visualize.py --checkpoint reads it).
+  assert (tmp_path / 'run' / 'config.json').read_text() == recorded
+
+
+def test_a_finished_run_started_again_changes_nothing(smoke_run, tmp_path, no_compiles):
+  shutil.copytree(smoke_run, tmp_path / 'run')
+  before = (tmp_path / 'run' / 'metrics.jsonl').read_text()
+  results = train.train_and_evaluate(smoke_config(), str(tmp_path / 'run'))
+  assert (tmp_path / 'run' / 'metrics.jsonl').read_text() == before  # no second eval record
+  final = [r for r in read_metrics(smoke_run) if 'val/top1' in r][-1]
+  assert results == {k: v for k, v in final.items() if k != 'step'}
   assert no_compiles() == 0
 
 

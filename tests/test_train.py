@@ -1,4 +1,6 @@
 """The trainer: its pieces in-process on a micro model, its loop through main.py subprocesses."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +8,7 @@ import pytest
 
 from conftest import by_step, read_metrics, restore_numpy, run_main, run_python, smoke_config
 from sparseformer_jax import create_model
+from sparseformer_jax.trainer import metrics as metrics_lib
 from sparseformer_jax.trainer import optim
 from sparseformer_jax.trainer import sharding
 from sparseformer_jax.trainer import train
@@ -144,6 +147,41 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(micro, first_step):
       jnp.dtype('float32'), jnp.dtype('int32')}
 
 
+def test_nonfinite_logits_count_as_wrong():
+  logits = jnp.array([[0.1, 2.0, 0.3], [jnp.nan] * 3, [jnp.inf, 1.0, 0.0], [1.0, jnp.nan, 0.0]])
+  labels = jnp.array([1, 0, 0, 0])
+  np.testing.assert_array_equal(metrics_lib.topk_correct(logits, labels, 1),
+                                [True, False, False, False])
+  np.testing.assert_array_equal(metrics_lib.topk_correct(logits, labels, 3),
+                                [True, False, False, False])
+
+
+def test_metrics_jsonl_is_strict_json_with_null_for_nonfinite_values(tmp_path):
+  class Silent:
+    def write_scalars(self, step, scalars):
+      del step, scalars
+  writer = metrics_lib.JsonlTee(Silent(), str(tmp_path))
+  writer.write_scalars(3, {'train/loss': np.float32(np.nan), 'train/grad_norm': np.inf,
+                           'train/lr': 0.5})
+  line = (tmp_path / 'metrics.jsonl').read_text()
+  assert json.loads(line, parse_constant=pytest.fail) == {
+      'step': 3, 'train/loss': None, 'train/grad_norm': None, 'train/lr': 0.5}
+
+
+def test_skip_policy_stops_after_nan_skip_limit_nonfinite_steps_in_a_row():
+  check = train._FiniteCheck('skip', skip_limit=3)  # pylint: disable=protected-access
+  def metrics(finite, skipped):
+    return {'finite': np.bool_(finite), 'train/loss': np.float32(np.nan if not finite else 1.0),
+            'train/grad_norm': np.float32(1.0), 'train/skipped_steps': np.int32(skipped)}
+  for step, finite in enumerate([False, False, True, False, False], 1):  # never 3 in a row
+    check(step, metrics(finite, step))
+  check(6, metrics(False, 5))
+  with pytest.raises(FloatingPointError, match=r'3 steps in a row up to step 6 had a non-finite '
+                                               r'loss .*the model diverged.* Lower '
+                                               r'config.optimizer.base_lr'):
+    check.flush()
+
+
 def test_a_short_run_of_the_loop_lowers_the_loss(main_env, tmp_path):
   # 64 training images seen 15 times: the loop must fit them.
   run_main(main_env, tmp_path, '--config.train_split=train[:64]', '--config.input.augment=none',
@@ -182,6 +220,7 @@ def test_nan_stops_at_its_step_keeping_checkpoints_then_skip_policy_counts_it(
   failed = run_python(main_env, NAN_DRIVER, str(tmp_path), 'raise', check=False)
   assert failed.returncode != 0
   assert 'FloatingPointError: Non-finite loss or gradient at step 3' in failed.stderr
+  assert 'Lower config.optimizer.base_lr or config.optimizer.grad_clip_norm' in failed.stderr
   checkpoints = tmp_path / 'checkpoints'
   assert sorted(p.name for p in checkpoints.iterdir()) == ['2']  # the last good one, intact
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restore_numpy(tmp_path, 2)))

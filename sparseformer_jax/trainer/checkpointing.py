@@ -4,10 +4,15 @@ Layout: <dir>/<step>/state/ holds one Orbax pytree, the train state {'params', '
 'opt_state', 'step', ...} (or just {'params'} for a converted PyTorch checkpoint). Orbax writes
 a step into '<step>.orbax-checkpoint-tmp*' and renames it when complete (on GCS, which cannot
 rename, it writes 'commit_success.txt' last instead; the rename path writes it too). So a step
-directory is complete iff it holds commit_success.txt; anything else was cut short (kill -9,
-lost host) and is deleted, with a warning, before a run resumes. Restores go onto the shardings
-of the current mesh, whatever the device count that wrote them.
+directory is complete iff it holds commit_success.txt. Before a run resumes, our own interrupted
+saves (tmp directories) are deleted and a step directory without its commit file is moved aside
+to '<step>.incomplete'; a complete step that fails to restore (a truncated, garbage or missing
+file) is moved aside to '<step>.corrupt' and the next older one is tried. Nothing but our own
+tmp directories is ever deleted. A save that fails (a full disk) stops the run at once with
+the error, its partial files removed, the earlier checkpoints untouched. Restores go onto the
+shardings of the current mesh, whatever the device count that wrote them.
 """
+import contextlib
 import logging as std_logging
 import os
 import re
@@ -26,18 +31,46 @@ _TMP_STEP_DIR = re.compile(r'^(\d+)\.orbax-checkpoint-tmp')
 
 
 class _OnlyOrbaxWarnings(std_logging.Filter):
+  """Orbax's records: warnings and errors only, one line each, without their tracebacks."""
 
   def filter(self, record):
-    return record.levelno > std_logging.INFO or f'{os.sep}orbax{os.sep}' not in record.pathname
+    if f'{os.sep}orbax{os.sep}' not in record.pathname:
+      return True
+    if record.levelno <= std_logging.INFO:
+      return False
+    text = record.getMessage().split(' [tensorstore_spec=')[0]
+    record.msg, record.args = ' '.join(text.split())[:400], ()
+    record.exc_info = record.exc_text = None
+    return True
 
 
 def quiet_orbax_logging() -> None:
-  """Orbax narrates every save at INFO; for command-line tools keep only its warnings."""
+  """Orbax narrates every save at INFO and logs each failure with its traceback (which our own
+  CheckpointError then reports in one line); for command-line tools keep one line of each of
+  its warnings and errors."""
   logging.get_absl_handler().addFilter(_OnlyOrbaxWarnings())
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(Exception):
+  """A checkpoint cannot be read or written; the message says which and what to do."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
   """A checkpoint does not fit the model/optimizer of the current config."""
+
+
+def absolute(path: str) -> str:
+  """`path` made absolute (Orbax refuses relative paths, and only at its first save, when the
+  work is done); URLs such as gs://bucket/dir as given."""
+  return str(path) if '://' in str(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def root_cause(error: BaseException) -> str:
+  """The innermost cause of an (Orbax/TensorStore) error, as one line without its long spec."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = ' '.join((str(error) or type(error).__name__).split(' [tensorstore_spec=')[0].split())
+  return text if len(text) <= 400 else f'{text[:150]} ... {text[-240:]}'  # the OS error ends it
 
 
 def _step_dirs(directory: epath.Path):
@@ -55,15 +88,37 @@ def _step_dirs(directory: epath.Path):
   return sorted(complete), partial
 
 
-def _remove_partial(directory: epath.Path) -> None:
-  """Deletes interrupted saves (process 0), so that no run ever reads or collides with them."""
-  if jax.process_index() == 0:
-    for path in _step_dirs(directory)[1]:
-      logging.warning('Ignoring and deleting the partly written checkpoint %s (a save that was '
-                      'interrupted); resuming from the latest complete one.', path)
-      path.rmtree()
+def _tmp_saves(directory: epath.Path) -> list:
+  """Our own saves that never completed (Orbax's tmp directories): nothing else uses them."""
+  return [path for path in _step_dirs(directory)[1] if _TMP_STEP_DIR.match(path.name)]
+
+
+def _move_aside(path: epath.Path, suffix: str) -> epath.Path:
+  """Renames <step> to <step>.<suffix> (or .<suffix>-2, ...): out of every run's sight, kept."""
+  target, n = path.parent / f'{path.name}.{suffix}', 1
+  while target.exists():
+    n += 1
+    target = path.parent / f'{path.name}.{suffix}-{n}'
+  path.rename(target)
+  return target
+
+
+def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('checkpointing: partial checkpoints removed')
+    multihost_utils.sync_global_devices(name)
+
+
+def _set_aside_partial(directory: epath.Path) -> None:
+  """Deletes our interrupted saves, moves uncommitted step directories aside (process 0)."""
+  if jax.process_index() == 0:
+    for path in _tmp_saves(directory):
+      logging.warning('Deleting %s, a save that was interrupted; resuming from the latest '
+                      'complete checkpoint.', path)
+      path.rmtree()
+    for path in _step_dirs(directory)[1]:
+      logging.warning('Ignoring %s: it has no %s (a save cut short, or a damaged copy); moved '
+                      'it aside to %s.', path, _COMMIT_FILE, _move_aside(path, 'incomplete'))
+  _sync('checkpointing: partial checkpoints set aside')
 
 
 def _flat_shapes(tree) -> dict:
@@ -130,11 +185,13 @@ class Checkpoints:
 
   def __init__(self, directory: str, *, keep: int):
     self.directory = epath.Path(directory)
-    _remove_partial(self.directory)
+    _set_aside_partial(self.directory)
     self._manager = ocp.CheckpointManager(
         self.directory, item_handlers={ITEM: ocp.StandardCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=True))
+    self._saving = None  # the step of the save in flight
+    self._failed = False  # a save failed (and was reported)
 
   def latest_step(self):
     """The newest complete step, or None."""
@@ -142,10 +199,76 @@ class Checkpoints:
 
   def save(self, step: int, state, *, wait: bool = False) -> None:
     """Starts writing `state` in the background (waits for the previous save first)."""
-    self._manager.save(step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(state)}),
-                       force=True)
+    self.wait()
+    self._saving = step
+    with self._reporting_failure():
+      self._manager.save(step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(state)}),
+                         force=True)
     if wait:
-      self._manager.wait_until_finished()
+      self.wait()
+
+  def check(self) -> None:
+    """Raises CheckpointError now if the save in flight has failed (cheap: call it every step)."""
+    if self._saving is not None and not self._manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the save in flight to commit; CheckpointError if it failed."""
+    if self._saving is not None:
+      with self._reporting_failure():
+        self._manager.wait_until_finished()
+      self._saving = None
+
+  @contextlib.contextmanager
+  def _reporting_failure(self):
+    """A failed save -> its partial files removed, and one CheckpointError naming the fix."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      step, self._saving, self._failed = self._saving, None, True
+      if jax.process_index() == 0:
+        for path in _tmp_saves(self.directory):
+          path.rmtree(missing_ok=True)
+      complete = _step_dirs(self.directory)[0]
+      kept = (f'the complete checkpoints ({", ".join(map(str, complete))}) are intact'
+              if complete else 'there is no earlier checkpoint')
+      raise CheckpointError(
+          f'Saving the checkpoint of step {step} into {self.directory} failed ({root_cause(e)}); '
+          f'the run stopped, {kept}. Free space (or fix the write error) and run the same '
+          'command again to resume.') from e
+
+  def restore_latest(self, abstract_state):
+    """(step, state) of the newest checkpoint that restores, or None if there is none.
+
+    A checkpoint that fails to restore (damaged files) is moved aside to <step>.corrupt with a
+    warning naming it, when an older one restores; if none does, CheckpointError lists them
+    all and nothing is moved. One of another model (CheckpointMismatchError) is never skipped.
+    """
+    failures = []
+    for step in reversed(self._manager.all_steps()):
+      try:
+        state = self.restore(step, abstract_state)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        failures.append((step, root_cause(e)))
+        continue
+      for bad, reason in failures:
+        if jax.process_index() == 0:
+          target = _move_aside(self.directory / str(bad), 'corrupt')
+          logging.warning('The checkpoint %s does not restore (%s): moved it aside to %s and '
+                          'resumed from step %d.', self.directory / str(bad), reason, target, step)
+      if failures:
+        _sync('checkpointing: damaged checkpoints moved aside')
+        self._manager.reload()
+      return step, state
+    if failures:
+      raise CheckpointError(
+          f'No checkpoint in {self.directory} restores: '
+          + '; '.join(f'step {step}: {reason}' for step, reason in failures)
+          + '. Restore them from a copy, or move them aside (mv <step> <step>.corrupt) to start '
+          'afresh, or pass another --workdir.')
+    return None
 
   def restore(self, step: int, abstract_state):
     """The state at `step` on the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
@@ -156,14 +279,25 @@ class Checkpoints:
     return restored[ITEM]
 
   def close(self) -> None:
-    """Waits for a save in flight to commit."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for a save in flight to commit (CheckpointError if it failed)."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-exception-caught
+        if not self._failed:  # Else Orbax repeats the failure that was reported already.
+          raise
 
 
 def _resolve(path: str):
   """(checkpoints directory, step) from a workdir, a checkpoints directory or a step directory."""
-  path = epath.Path(path)
+  path = epath.Path(absolute(path))  # e.g. init_from=converted/sf_t
+  if not path.is_dir():
+    raise FileNotFoundError(
+        f'{path} is {"not a directory" if path.exists() else "not there"}: init_from takes a '
+        'workdir, its checkpoints directory, a step directory, or the --out of '
+        'scripts/convert_checkpoint.py.')
   if _STEP_DIR.match(path.name) and (path / ITEM).exists():
     return path.parent, int(path.name)
   if (path / 'checkpoints').exists():

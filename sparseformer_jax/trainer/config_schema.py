@@ -136,6 +136,8 @@ def base_config() -> ml_collections.ConfigDict:
                                       # video model with that many token replicas (SPEC §7)
   c.eval_only = False                 # evaluate the workdir's latest checkpoint (else init_from)
   c.nan_policy = 'raise'              # non-finite loss/grad: 'raise' (stop) | 'skip' (count it)
+  c.nan_skip_limit = 10               # 'skip': this many non-finite steps in a row stop the run
+                                      # (the model diverged; its updates are no longer applied)
   c.roi_images = 4                    # eval draws the tokens' RoIs on this many validation
                                       # images into TensorBoard (image models; 0 = off)
 
@@ -157,11 +159,12 @@ _CHOICES = {
 _POSITIVE = ('global_batch_size', 'eval_batch_size', 'sub_batches', 'log_every_steps', 'keep_checkpoints',
              'optimizer.accum_steps', 'optimizer.lr_base_batch_size', 'input.image_size',
              'profile.num_steps', 'input.temporal_stride', 'input.eval_views',
-             'input.mixup_group_size')
-_NON_NEGATIVE = ('checkpoint_every_steps', 'warmup_epochs', 'optimizer.base_lr',
+             'input.mixup_group_size', 'optimizer.base_lr', 'input.shuffle_buffer',
+             'nan_skip_limit')
+_NON_NEGATIVE = ('checkpoint_every_steps', 'warmup_epochs',
                  'optimizer.warmup_lr', 'optimizer.min_lr', 'optimizer.weight_decay',
                  'optimizer.grad_clip_norm', 'model.drop_path_rate', 'input.num_frames',
-                 'init_inflate_replicates')
+                 'init_inflate_replicates', 'roi_images', 'input.prefetch')
 
 
 def _get(config, dotted):
@@ -170,18 +173,28 @@ def _get(config, dotted):
   return config
 
 
+def unknown_field_message(dotted: str) -> str:
+  """'optimizer.lr' -> 'config.optimizer.lr is not a known field. Did you mean ...base_lr? ...'."""
+  schema, prefix = base_config(), ''
+  for key in dotted.split('.'):
+    if isinstance(schema, ml_collections.ConfigDict) and key in schema:
+      schema, prefix = schema[key], prefix + key + '.'
+      continue
+    known = list(schema.keys()) if isinstance(schema, ml_collections.ConfigDict) else []
+    close = (difflib.get_close_matches(key, known, n=1)
+             or [k for k in known if key in k or k in key][:1])
+    hint = f' Did you mean {prefix}{close[0]}?' if close else ''
+    return (f'config.{prefix}{key} is not a known field.{hint} The known fields are listed, with '
+            'their meaning, in sparseformer_jax/trainer/config_schema.py:base_config().')
+  return f'config.{dotted} cannot be set that way.'
+
+
 def _check_fields(config, schema, prefix=''):
   """Unknown and missing fields, recursively."""
   for key in config.keys():
     name = prefix + key
     if key not in schema:
-      known = list(schema.keys())
-      close = (difflib.get_close_matches(key, known, n=1)
-               or [k for k in known if key in k or k in key][:1])
-      hint = f' Did you mean {prefix}{close[0]}?' if close else ''
-      raise ConfigError(
-          f'config.{name} is not a known field.{hint} The known fields are listed, with their '
-          f'meaning, in sparseformer_jax/trainer/config_schema.py:base_config().')
+      raise ConfigError(unknown_field_message(name))
     if isinstance(schema[key], ml_collections.ConfigDict):
       if not isinstance(config[key], ml_collections.ConfigDict):
         raise ConfigError(f'config.{name} must be a ConfigDict of fields, got {config[key]!r}.')

@@ -6,7 +6,10 @@ fresh init -> jitted steps -> loop (log, eval, checkpoint, SIGTERM) -> final eva
 Reliability rules: the data position is a function of the step (a resumed run sees the same
 examples as an uninterrupted one); the dropout key of step s is fold_in(key, s); a step whose
 loss or gradient is not finite is never applied ('raise' stops the run at it, before any later
-checkpoint; 'skip' counts it); SIGTERM saves a checkpoint at the current step and returns.
+checkpoint; 'skip' counts it, and stops after config.nan_skip_limit in a row); SIGTERM or
+Ctrl-C saves a checkpoint at the current step and returns; one run at a time holds the workdir
+(workdir_lock); a damaged checkpoint is set aside and the newest that restores is resumed; a
+failed save stops the run at once (checkpointing).
 """
 import dataclasses
 import math
@@ -30,32 +33,58 @@ from sparseformer_jax.trainer import metrics as metrics_lib
 from sparseformer_jax.trainer import optim
 from sparseformer_jax.trainer import preemption
 from sparseformer_jax.trainer import sharding
+from sparseformer_jax.trainer import workdir_lock
 from sparseformer_jax import token_intermediates
 from sparseformer_jax.ops.sub_batches import apply_in_sub_batches
 from sparseformer_jax.analysis import visualize
 from sparseformer_jax.ops import xla_cpu
 from sparseformer_jax.data import input_pipeline
+from sparseformer_jax.models import stem
 from sparseformer_jax.weights import inflate
 
 
-def _prepare_workdir(config, workdir: str) -> None:
-  """Creates the workdir, proves it writable, and records the config (process 0)."""
+def _make_workdir(workdir: str) -> None:
+  """Creates the workdir (a directory: a file of that name is refused)."""
   path = epath.Path(workdir)
-  probe = path / f'.write_probe_{jax.process_index()}'
+  if path.exists() and not path.is_dir():
+    raise config_schema.ConfigError(
+        f'--workdir {workdir} is a file: pass a directory (it is created if missing).')
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe.write_text('ok')
-    probe.unlink()
   except OSError as e:
     raise config_schema.ConfigError(
         f'The workdir {workdir} is not writable ({e}); pass a --workdir you can write to.'
     ) from e
+
+
+def _check_writable(workdir: str) -> None:
+  """Proves the workdir writable, once our own partial saves are gone (they may fill a disk)."""
+  probe = epath.Path(workdir) / f'.write_probe_{jax.process_index()}'
+  try:
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise config_schema.ConfigError(
+        f'The workdir {workdir} is not writable ({e}); free space or pass a --workdir you can '
+        'write to.') from e
+
+
+def _record_config(config, workdir: str) -> None:
+  """config.json (process 0, atomically), once checks and restore passed: it always describes
+  the config that writes the workdir's checkpoints."""
   if jax.process_index() == 0:
-    (path / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+    path = epath.Path(workdir) / 'config.json'
+    tmp = path.parent / 'config.json.tmp'
+    tmp.write_text(config.to_json_best_effort(indent=2) + '\n')
+    tmp.replace(path)
 
 
 def _build_model(config, num_classes: int):
   """create_model from the config, with its errors pointed at the config fields."""
+  if config.input.image_size < stem.KERNEL:
+    raise config_schema.ConfigError(
+        f"config.input.image_size={config.input.image_size} is smaller than the stem's "
+        f'{stem.KERNEL}x{stem.KERNEL} convolution: use at least {stem.KERNEL}.')
   overrides = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
   try:
     model = create_model(config.model.name, num_classes=num_classes, dtype=config.dtype,
@@ -72,10 +101,19 @@ def _build_model(config, num_classes: int):
 
 
 def _dataset_info(config) -> dict:
+  data_dir = config.data_dir
+  if data_dir and '://' not in data_dir and not epath.Path(data_dir).is_dir():
+    raise config_schema.ConfigError(
+        f'config.data_dir={data_dir!r} is not a directory: pass your TFDS data directory '
+        '(scripts/prepare_data.py fills one), or leave it unset for the TFDS default.')
   try:
-    return input_pipeline.get_dataset_info(config)
-  except FileNotFoundError as e:
+    info = input_pipeline.get_dataset_info(config)
+  except (FileNotFoundError, ValueError) as e:
     raise config_schema.ConfigError(f'config.dataset={config.dataset!r}: {e}') from e
+  beside = input_pipeline.generated_beside_prepared(config)
+  if beside:
+    logging.warning(beside)
+  return info
 
 
 def _schedule_steps(config, num_train_examples: int):
@@ -271,8 +309,10 @@ def make_roi_writer(model, config, writer):
 class _FiniteCheck:
   """Looks at a step's `finite` flag one step late, so the device queue never drains."""
 
-  def __init__(self, policy: str):
+  def __init__(self, policy: str, skip_limit: int):
     self._policy = policy
+    self._skip_limit = skip_limit
+    self._skipped_in_a_row = 0
     self._pending = None
 
   def __call__(self, step, step_metrics):
@@ -286,16 +326,23 @@ class _FiniteCheck:
     step, m = self._pending
     self._pending = None
     if bool(m['finite']):
+      self._skipped_in_a_row = 0
       return
     loss, grad_norm = float(m['train/loss']), float(m['train/grad_norm'])
+    fix = 'Lower config.optimizer.base_lr or config.optimizer.grad_clip_norm (a tighter clip)'
     if self._policy == 'raise':
       raise FloatingPointError(
           f'Non-finite loss or gradient at step {step} (train/loss={loss}, '
           f'train/grad_norm={grad_norm}). The update was not applied and no checkpoint after '
-          f'it was written. Lower config.optimizer.base_lr or raise grad_clip_norm, or set '
-          f"config.nan_policy='skip' to skip such steps.")
+          f"it was written. {fix}; or set config.nan_policy='skip' to skip such steps.")
+    self._skipped_in_a_row += 1
     logging.warning('Skipped step %d: train/loss=%s, train/grad_norm=%s (%d skipped so far).',
                     step, loss, grad_norm, int(m['train/skipped_steps']))
+    if self._skipped_in_a_row >= self._skip_limit:
+      raise FloatingPointError(
+          f'{self._skipped_in_a_row} steps in a row up to step {step} had a non-finite loss or '
+          'gradient (config.nan_skip_limit): the model diverged, and no checkpoint after it was '
+          f'written. {fix}.')
 
 
 def is_pretrained_source(init_from: str) -> bool:
@@ -349,17 +396,22 @@ def load_init_weights(config, abstract, shardings, mesh) -> dict:
 
 
 def _initial_state(config, workdir, checkpoints, init_state, abstract, shardings, mesh):
-  """The workdir's latest checkpoint (resume); else a fresh init, with init_from's weights."""
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    logging.info('Resuming from %s/%d.', checkpoints.directory, latest)
-    return checkpoints.restore(latest, abstract)
+  """The workdir's newest checkpoint that restores (resume); else a fresh init, with
+  init_from's weights (read first: a bad init_from fails before anything compiles)."""
+  resumed = checkpoints.restore_latest(abstract)
+  if resumed is not None:
+    logging.info('Resuming from %s/%d.', checkpoints.directory, resumed[0])
+    return resumed[1]
   if config.eval_only and not config.init_from:
     raise config_schema.ConfigError(
         f'config.eval_only needs weights: {workdir} has no checkpoint; set config.init_from.')
+  if config.init_from:
+    try:
+      weights = load_init_weights(config, abstract, shardings, mesh)
+    except FileNotFoundError as e:
+      raise config_schema.ConfigError(f'config.init_from={config.init_from!r}: {e}') from e
   state = jax.jit(init_state, out_shardings=shardings)()
   if config.init_from:
-    weights = load_init_weights(config, abstract, shardings, mesh)
     params = traverse_util.flatten_dict(state['params'])
     params.update(traverse_util.flatten_dict(weights['params']))  # all but init_skip's
     state['params'] = traverse_util.unflatten_dict(params)
@@ -378,7 +430,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mismatch = config_schema.normalization_mismatch(config)
   if mismatch:
     logging.warning(mismatch)
-  _prepare_workdir(config, workdir)
+  if not str(workdir).strip():
+    raise config_schema.ConfigError('--workdir is empty: pass the directory for checkpoints '
+                                    'and metrics, e.g. --workdir=workdirs/run1.')
+  workdir = checkpointing.absolute(workdir)
+  _make_workdir(workdir)
   info = _dataset_info(config)
   model = _build_model(config, info['num_classes'])
   mesh = sharding.create_mesh(config.mesh)
@@ -394,8 +450,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('%s', parameter_overview(abstract['params'], config.optimizer))
   shardings = sharding.state_shardings(abstract, mesh)
   abstract = sharding.with_shardings(abstract, shardings)
-  checkpoints = checkpointing.Checkpoints(str(epath.Path(workdir) / 'checkpoints'),
-                                          keep=config.keep_checkpoints)
+  lock = workdir_lock.WorkdirLock(workdir)  # Before anything in the workdir is touched.
+  try:
+    checkpoints = checkpointing.Checkpoints(str(epath.Path(workdir) / 'checkpoints'),
+                                            keep=config.keep_checkpoints)
+    _check_writable(workdir)
+  except BaseException:
+    lock.release()
+    raise
   writer = metrics_lib.create_writer(workdir)
   watcher = preemption.PreemptionWatcher()
   try:
@@ -408,8 +470,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         compiler_options=xla_cpu.compiler_options())
     start_step = int(state['step'])
     if config.eval_only or start_step >= total_steps:
-      # A finished run, started again, evaluates its final state (an eval cut short by a
-      # kill after the last checkpoint is not lost).
+      # A finished run, started again, evaluates its final state unless metrics.jsonl has
+      # that eval already (an eval cut short by a kill after the last checkpoint is not lost).
+      recorded = {} if config.eval_only else metrics_lib.recorded_eval(workdir, start_step)
+      if recorded:
+        logging.info('The run finished at step %d; its final evaluation is in %s.', start_step,
+                     epath.Path(workdir) / metrics_lib.METRICS_FILE)
+        return recorded
       results = evaluate(eval_step, state, config, mesh)
       writer.write_scalars(start_step, results)
       return results
@@ -418,6 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, sharding.replicated(mesh)),
                          donate_argnums=0, compiler_options=xla_cpu.compiler_options())
+    _record_config(config, workdir)
     metrics_lib.truncate_metrics_file(workdir, start_step)  # Steps after it are re-run.
     train_iter = input_pipeline.create_train_iterator(
         config, local_batch_size=config.global_batch_size // jax.process_count(),
@@ -430,7 +498,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       hooks.append(periodic_actions.Profile(
           logdir=workdir, num_profile_steps=config.profile.num_steps, profile_duration_ms=None,
           first_profile=config.profile.first_step, every_secs=None))
-    finite_check = _FiniteCheck(config.nan_policy)
+    finite_check = _FiniteCheck(config.nan_policy, config.nan_skip_limit)
     write_rois = make_roi_writer(model, config, writer)
     results = {}
     logging.info('Training steps %d..%d on %s.', start_step + 1, total_steps, mesh)
@@ -443,6 +511,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.block_until_ready(step_metrics)
         timer = (time.monotonic(), step)
       finite_check(step, step_metrics)
+      checkpoints.check()  # A failed save (a full disk) stops the run now, not at its end.
       for hook in hooks:
         hook(step)
       is_last = step == total_steps
@@ -481,6 +550,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finite_check.flush()
     return results
   finally:
-    watcher.close()
-    checkpoints.close()
-    writer.flush()
+    try:
+      checkpoints.close()  # The last save commits with the signal handlers still in place.
+    finally:
+      watcher.close()
+      writer.flush()
+      lock.release()
