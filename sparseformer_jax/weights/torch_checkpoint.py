@@ -1,4 +1,5 @@
-"""Loads the official PyTorch SparseFormer weights (both key layouts, SPEC §5) into flax params.
+"""Loads the official PyTorch SparseFormer weights (both key layouts, docs/model.md §5) into flax
+params.
 
 The flax parameter tree is the source of truth: every flax leaf names the torch key it comes from
 (`torch_key`), so missing, unexpected and mis-shaped keys are all found by one comparison.
@@ -135,7 +136,7 @@ def checkpoint_config(state_dict: Mapping[str, Any], name: str, **overrides) -> 
   layout = detect_layout(state_dict)
   flavor = {"flavor": layout}
   if layout == "library":
-    flavor["grad_clamp"] = False       # the library's v1 flavor does not clamp (SPEC §3)
+    flavor["grad_clamp"] = False       # the library's v1 flavor does not clamp (docs/model.md §3)
   return get_config(name, **{**flavor, **overrides})
 
 
