@@ -14,10 +14,7 @@ from sparseformer_jax import ops
 trunc_normal = nn.initializers.truncated_normal
 
 
-def gelu(x):
-  """Exact GELU x/2 (1 + erf(x/sqrt 2)), as PyTorch's nn.GELU (flax's default is the tanh
-  approximation)."""
-  return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+gelu = ops.gelu   # exact GELU, as PyTorch's nn.GELU (flax's default is the tanh approximation)
 
 
 def quick_gelu(x):

@@ -1,0 +1,62 @@
+r"""Exports a SparseFormer for serving: a jax.export program, a TF SavedModel and a JSON card.
+
+  python scripts/export.py --model sparseformer_v1_tiny --weights sparseformer_v1_tiny.pth \
+      --out exported/sf_t --platforms cpu,cuda,tpu --resolution 224
+  python scripts/export.py --model sparseformer_v1_tiny --weights workdirs/sf_t \
+      --override num_classes=10 --out exported/mine      # a training workdir (or converted dir)
+
+--weights takes an official .pth (either layout) or an Orbax checkpoint: a training workdir, its
+checkpoints or step directory, or scripts/convert_checkpoint.py's --out. The batch dimension of
+both programs is symbolic; H x W is fixed by --resolution. How to serve them: README, "Serving".
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=wrong-import-position
+from benchmark import parse_resolution
+from sparseformer_jax import export
+from sparseformer_jax.models.config import parse_overrides
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", required=True, help="variant name, e.g. sparseformer_v1_tiny")
+  parser.add_argument("--weights", required=True, help="a .pth file or an Orbax checkpoint dir")
+  parser.add_argument("--out", required=True, help="directory for the artifacts (new)")
+  parser.add_argument("--platforms", default="cpu",
+                      help="comma-separated, of " + ",".join(export.PLATFORMS))
+  parser.add_argument("--resolution", type=parse_resolution, default=(224, 224),
+                      help="H or HxW in pixels")
+  parser.add_argument("--num-frames", type=int, default=0, help="video models: clip length")
+  parser.add_argument("--class-names", default="",
+                      help="a text file with one class name per line, for the JSON card")
+  parser.add_argument("--override", action="append", default=[],
+                      help="model config field=value (repeatable), e.g. num_classes=10")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  class_names = None
+  if args.class_names:
+    with open(args.class_names, encoding="utf-8") as f:
+      class_names = [line.strip() for line in f if line.strip()]
+  try:
+    model, variables = export.load_weights(args.model, args.weights,
+                                           **parse_overrides(args.override))
+    card = export.export_model(model, variables, args.out, name=args.model,
+                               resolution=args.resolution,
+                               platforms=[p.strip() for p in args.platforms.split(",")],
+                               num_frames=args.num_frames, class_names=class_names)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    sys.exit(f"export: {e}")
+  print(f"Wrote {args.out}: {export.EXPORT_FILE} ({', '.join(card['platforms'])}), "
+        f"{export.SAVED_MODEL_DIR}/, {export.CARD_FILE}")
+  return card
+
+
+if __name__ == "__main__":
+  main()
