@@ -140,10 +140,12 @@ def _equations(jaxpr):
           yield from _equations(sub)
 
 
-def test_bfloat16_compute_sums_in_float32(small_model):
-  """With bfloat16 compute, every matmul and the stem conv of bfloat16 operands sums in float32
-  and returns float32 (ops.einsum, ops.dense), and the gradients of the Dense, mixing and stem
-  biases and of the stem's pool are float32 sums (docs/performance.md, "bfloat16 on the CPU")."""
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the ops' XLA:CPU versions")
+def test_bfloat16_compute_sums_in_float32_on_the_cpu(small_model):
+  """On the CPU, with bfloat16 compute, every matmul and the stem conv of bfloat16 operands asks
+  for a float32 result (the CPU's bfloat16 units need it), and the gradients of the Dense,
+  mixing and stem biases and of the stem's pool are float32 sums (docs/performance.md, "bfloat16
+  on the CPU"). tests/test_lowering.py checks the GPU/TPU programs."""
   model, variables = small_model
   bf16 = model.clone(config=get_config("sparseformer_v1_tiny", **SMALL, dtype="bfloat16"))
   images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))

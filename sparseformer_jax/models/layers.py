@@ -12,8 +12,6 @@ import jax.numpy as jnp
 from sparseformer_jax import ops
 
 trunc_normal = nn.initializers.truncated_normal
-
-
 gelu = ops.gelu   # exact GELU, as PyTorch's nn.GELU (flax's default is the tanh approximation)
 
 
@@ -23,8 +21,8 @@ def quick_gelu(x):
 
 
 class Dense(nn.Module):
-  """nn.Dense's params ('kernel' (K, F), 'bias' (F,), float32): x @ kernel in `dtype`, summed in
-  float32, which gets the bias before it is rounded to `dtype` (`ops.dense`)."""
+  """nn.Dense's params ('kernel' (K, F), 'bias' (F,), float32): x @ kernel in `dtype`, which gets
+  the float32 bias before it is rounded to `dtype` (`ops.dense`)."""
   features: int
   use_bias: bool = True
   dtype: str = "float32"
