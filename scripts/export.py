@@ -44,12 +44,14 @@ def main(argv=None) -> dict:
   if args.class_names:
     with open(args.class_names, encoding="utf-8") as f:
       class_names = [line.strip() for line in f if line.strip()]
+  platforms = [p.strip() for p in args.platforms.split(",")]
   try:
+    export.check_arguments(args.out, platforms)   # before the weights are read
     model, variables = export.load_weights(args.model, args.weights,
                                            **parse_overrides(args.override))
     card = export.export_model(model, variables, args.out, name=args.model,
                                resolution=args.resolution,
-                               platforms=[p.strip() for p in args.platforms.split(",")],
+                               platforms=platforms,
                                num_frames=args.num_frames, class_names=class_names)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     sys.exit(f"export: {e}")

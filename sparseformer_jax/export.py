@@ -58,11 +58,8 @@ def _atomic_write(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
-def export_model(model, variables, out_dir: str, *, name: str, resolution: Tuple[int, int],
-                 platforms: Sequence[str] = ("cpu",), num_frames: int = 0,
-                 class_names: Optional[Sequence[str]] = None) -> dict:
-  """Writes the three artifacts into `out_dir` (created if needed; one that already holds an
-  export is refused, never overwritten) and returns the JSON card."""
+def check_arguments(out_dir: str, platforms: Sequence[str]) -> None:
+  """Raises a one-line error for unknown platforms or an `out_dir` that holds an export."""
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown or not platforms:
     raise ValueError(f"platforms {list(platforms)}: expected some of {', '.join(PLATFORMS)}.")
@@ -71,6 +68,14 @@ def export_model(model, variables, out_dir: str, *, name: str, resolution: Tuple
   if taken:
     raise FileExistsError(f"{out_dir} already holds an export ({', '.join(taken)}); choose a "
                           "new --out directory.")
+
+
+def export_model(model, variables, out_dir: str, *, name: str, resolution: Tuple[int, int],
+                 platforms: Sequence[str] = ("cpu",), num_frames: int = 0,
+                 class_names: Optional[Sequence[str]] = None) -> dict:
+  """Writes the three artifacts into `out_dir` (created if needed; one that already holds an
+  export is refused, never overwritten) and returns the JSON card."""
+  check_arguments(out_dir, platforms)
   os.makedirs(out_dir, exist_ok=True)
   spec = input_shape(model, resolution, num_frames)
   logits = lambda images: model.apply(variables, images, train=False)

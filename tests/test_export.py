@@ -46,7 +46,7 @@ def test_both_artifacts_give_the_models_logits(exported, batch):
   np.testing.assert_allclose(logits.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_card_describes_the_input_and_an_existing_export_is_refused(exported, capsys):
+def test_the_card_describes_the_input_and_bad_arguments_are_refused(exported):
   out, card, _, _ = exported
   on_disk = json.loads(open(os.path.join(out, export.CARD_FILE)).read())
   assert on_disk == card and card["input"]["shape"] == ["batch", 40, 56, 3]
@@ -54,3 +54,6 @@ def test_the_card_describes_the_input_and_an_existing_export_is_refused(exported
   assert card["class_names"][3] == "class 3" and card["output"]["shape"] == ["batch", 10]
   with pytest.raises(SystemExit, match="already holds an export"):
     export_script.main(["--model", "sparseformer_v1_tiny", "--weights", TORCH_FILE, "--out", out])
+  with pytest.raises(SystemExit, match="platforms.*expected some of cpu, cuda, tpu"):
+    export_script.main(["--model", "sparseformer_v1_tiny", "--weights", TORCH_FILE, "--out",
+                        out + "_new", "--platforms", "cpu,gpu"])
