@@ -3,6 +3,7 @@
   python scripts/benchmark.py --model sparseformer_v1_tiny --mode infer --batch-size 32
   python scripts/benchmark.py --model sparseformer_v1_tiny --mode train --batch-size 32
   python scripts/benchmark.py --model sparseformer_v1_tiny --mode train --sub-batches 4   # CPU
+  python scripts/benchmark.py --mode train --no-cpu-workarounds   # the plain ops on the CPU too
   python scripts/benchmark.py --model sparseformer_v1_tiny --sweep 224,448,896 \
       --baseline vit_s16 --batch-size 8 --plot sweep.png
   taskset -c 0 python scripts/benchmark.py --mode train --profile /tmp/prof   # CPU work by layer
@@ -40,7 +41,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
-from sparseformer_jax import create_model
+from sparseformer_jax import create_model, ops
 from sparseformer_jax.analysis import profiling
 from sparseformer_jax.ops import xla_cpu
 from sparseformer_jax.models.config import parse_overrides
@@ -152,16 +153,19 @@ def reference_matmul_gflops(size: int, reps: int = 5) -> float:
 def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str = "float32",
             reps: int = 5, steps: int = 1, warmup: int = 3, overrides=None, seed: int = 0,
             sub_batches: int = 1, profile_dir: str = "", profile_depth: int = 3,
-            reference_size: int = 2048) -> dict:
+            reference_size: int = 2048, cpu_workarounds: bool = True) -> dict:
   """Compiles and times one configuration; returns the figures as a dict (img/s None if reps=0).
   With `profile_dir`, one more step is profiled: "profile" lists [pass, layer, op seconds].
-  With `reference_size` > 0 the reference matmul is timed before and after the repetitions."""
+  With `reference_size` > 0 the reference matmul is timed before and after the repetitions.
+  `cpu_workarounds=False` traces the plain ops on the CPU too (sparseformer_jax/ops)."""
   model = build_model(model_name, dtype, overrides or {})
   key = jax.random.key(seed)
   images = jax.random.normal(key, (batch_size, *resolution, 3), jnp.float32)
   fn, args = make_step(model, mode, images, key, sub_batches)
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  with ops.cpu_workarounds(cpu_workarounds):
+    compiled = fn.lower(*args).compile()
+    workarounds_used = ops.use_cpu_workarounds()
   compile_s = time.perf_counter() - start
   for _ in range(warmup):
     args = _call(compiled, args, mode)
@@ -185,6 +189,7 @@ def measure(model_name: str, mode: str, batch_size: int, resolution, dtype: str 
       "gflops_per_image": flops / batch_size / 1e9 if flops else None,
       "compile_seconds": compile_s,
       "compiler_options": xla_cpu.compiler_options(),
+      "cpu_workarounds": workarounds_used,
       "peak_memory_bytes": _peak_device_memory(),
       "xla_memory_bytes": _xla_memory_bytes(compiled),
       "step_seconds": wall,
@@ -283,6 +288,9 @@ def parse_args(argv):
   parser.add_argument("--sub-batches", type=_at_least(1), default=1,
                       help="run each batch as this many interleaved sub-batches in one program "
                            "(config.sub_batches): faster on CPU, e.g. 4; 1 on GPU/TPU")
+  parser.add_argument("--cpu-workarounds", action=argparse.BooleanOptionalAction, default=True,
+                      help="on the CPU, the ops' XLA:CPU versions (config.cpu_workarounds); "
+                           "--no-cpu-workarounds: the plain ops that GPU/TPU run (A/B runs)")
   parser.add_argument("--resolution", type=parse_resolution, default=(224, 224),
                       help="H or HxW in pixels")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -324,7 +332,7 @@ def main(argv=None) -> dict:
   malloc_tuned = xla_cpu.tune_malloc_for_xla_cpu()   # as main.py does
   common = dict(mode=args.mode, batch_size=args.batch_size, dtype=args.dtype, reps=args.reps,
                 steps=args.steps, warmup=args.warmup, sub_batches=args.sub_batches,
-                reference_size=args.reference_size)
+                reference_size=args.reference_size, cpu_workarounds=args.cpu_workarounds)
   if not args.sweep:
     result = measure(args.model, resolution=args.resolution,
                      overrides=parse_overrides(args.override), profile_dir=args.profile,

@@ -48,6 +48,17 @@ def test_train_and_inference_report_throughput_and_xla_flops(capsys):
   assert 2.0 < train["gflops_per_image"] / infer["gflops_per_image"] < 4.5
 
 
+def test_no_cpu_workarounds_traces_the_plain_ops(capsys, monkeypatch):
+  seen = []
+  real = benchmark.ops.use_cpu_workarounds
+  monkeypatch.setattr(benchmark.ops, "use_cpu_workarounds", lambda: seen.append(real()) or real())
+  common = ["--batch-size", "1", "--resolution", "32", "--reps", "0",
+            *overrides("--override", TINY_SF)]
+  assert not run(capsys, "--no-cpu-workarounds", *common)["cpu_workarounds"]
+  assert seen == [False]
+  assert run(capsys, *common)["cpu_workarounds"] == (benchmark.jax.default_backend() == "cpu")
+
+
 def test_sweep_prints_a_table_and_plots_cost_against_resolution(capsys, tmp_path):
   plot = tmp_path / "sweep.png"
   result = run(capsys, "--sweep", "32,64", "--batch-size", "1", "--reps", "1",

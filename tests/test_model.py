@@ -1,17 +1,13 @@
 """Model construction, variants, sizes, costs, numerics options and input errors."""
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sparseformer_jax import VARIANTS, create_model, get_config, token_intermediates
-from sparseformer_jax.models import layers
-from sparseformer_jax.models import mixing as mixing_lib
 from sparseformer_jax.models import roi as roi_lib
-from sparseformer_jax.models import stem
 
 SMALL = dict(conv_dim=16, num_tokens=9, num_points=4, focusing_width=64, cortex_width=64,
              cortex_depth=2, num_classes=5, num_heads=4)
@@ -98,92 +94,6 @@ def test_drop_path_is_per_sample_and_driven_by_explicit_rng(small_model):
     model.apply(variables, images, train=True)
 
 
-def _widest_backward_fusion(cortex_depth: int) -> int:
-  """Most operands of any fusion XLA:CPU compiles into a training gradient of the small model."""
-  model = create_model("sparseformer_v1_tiny", **{**SMALL, "cortex_depth": cortex_depth})
-  images = jnp.zeros((2, 32, 32, 3))
-  params = model.init(jax.random.key(0), images)["params"]
-  loss = lambda p: model.apply({"params": p}, images, train=True,
-                               rngs={"dropout": jax.random.key(1)}).sum()
-  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-  entry = hlo[hlo.index("\nENTRY"):]
-  return max(m.group(1).count("%") for m in re.finditer(r" fusion\((.*?)\), kind", entry))
-
-
-def test_residual_gradient_is_computed_once_per_block_not_per_consumer():
-  # Fused into every consumer, the residual stream's gradient chain made the widest backward
-  # fusion grow with depth (170 operands at 2 cortex units, 254 at 8): quadratic work.
-  assert _widest_backward_fusion(8) <= _widest_backward_fusion(2)
-
-
-def test_materialize_gradient_is_an_identity_for_values_and_gradients():
-  x = jnp.array([[1.0, -2.0], [3.0, 0.5]])
-  f = lambda x: jnp.sum(jnp.sin(layers.materialize_gradient(x * x)))
-  np.testing.assert_array_equal(layers.materialize_gradient(x), x)
-  np.testing.assert_allclose(jax.jit(jax.grad(f))(x), 2 * x * jnp.cos(x * x), rtol=1e-6)
-  # The conditional's other branch (a gradient starting with NaN) passes it unchanged too.
-  x = jnp.array([-1.0, 4.0, 9.0])
-  g = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sqrt(layers.materialize_gradient(x)))))(x)
-  assert np.isnan(g[0])
-  np.testing.assert_allclose(g[1:], [0.25, 1 / 6], rtol=1e-6)
-
-
-def test_split_dense_is_a_dense_layer_whose_kernel_gradient_needs_no_padding():
-  split = mixing_lib.SplitDense((6, 4), bias_init=nn.initializers.normal(1.0))
-  x = jax.random.normal(jax.random.key(0), (2, 3, 5))
-  params = split.init(jax.random.key(1), x)
-  dense = lambda p: x @ p["params"]["kernel"] + p["params"]["bias"]
-  blocks = split.apply(params, x)
-  np.testing.assert_allclose(jnp.concatenate(blocks, axis=-1), dense(params), rtol=1e-6)
-  weights = jax.random.normal(jax.random.key(2), (2, 3, 10))
-  loss = lambda p: jnp.sum(jnp.concatenate(split.apply(p, x), axis=-1) * weights)
-  grads = jax.grad(loss)(params)
-  want = jax.grad(lambda p: jnp.sum(dense(p) * weights))(params)
-  for name in ("kernel", "bias"):
-    np.testing.assert_allclose(grads["params"][name], want["params"][name], rtol=1e-5)
-  # The blocks' gradients meet in one concatenation, not in zero-padded copies that are summed.
-  assert "pad" not in jax.jit(jax.grad(loss)).lower(params).as_text()
-
-
-# (a shape, b shape): adaptive mixing's channel mixing, an attention head's weights @ values.
-MATMUL_SHAPES = [((3, 2, 36, 96), (3, 2, 96, 96)), ((3, 2, 49, 49), (3, 2, 49, 8))]
-
-
-@pytest.mark.parametrize("a_shape, b_shape", MATMUL_SHAPES)
-def test_matmul_values_and_gradients_equal_the_plain_product(a_shape, b_shape):
-  a, b = (jax.random.normal(k, s) for k, s in zip(jax.random.split(jax.random.key(0)),
-                                                   (a_shape, b_shape)))
-  g = jax.random.normal(jax.random.key(1), a_shape[:-1] + b_shape[-1:])
-  plain = lambda a, b: jnp.einsum("...mk,...kn->...mn", a, b)
-  out, vjp = jax.vjp(jax.jit(layers.matmul), a, b)
-  want_out, want_vjp = jax.vjp(plain, a, b)
-  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
-  for got, want in zip(jax.jit(vjp)(g), want_vjp(g)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-
-
-def _dots_contracting_lhs_rows(matmul, a_shape, b_shape) -> int:
-  """Dots in XLA:CPU's compiled gradient of matmul that contract their lhs over a non-minor axis
-  (matmuls of a transposed operand, which XLA:CPU runs in Eigen, not YNNPACK)."""
-  loss = lambda a, b: jnp.sum(jnp.tanh(matmul(a, b)))
-  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
-      jnp.ones(a_shape), jnp.ones(b_shape)).compile().as_text()
-  count = 0
-  for line in re.findall(r" dot\(.*", hlo):
-    batch = re.search(r"lhs_batch_dims=\{([\d,]*)\}", line)
-    rank = (len(batch.group(1).split(",")) if batch else 0) + 2   # batch, free, contracting
-    count += int(re.search(r"lhs_contracting_dims=\{(\d+)\}", line).group(1)) != rank - 1
-  return count
-
-
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's dot lowering")
-@pytest.mark.parametrize("a_shape, b_shape", MATMUL_SHAPES)
-def test_matmul_gradient_has_no_transposed_lhs_dots_on_cpu(a_shape, b_shape):
-  plain = lambda a, b: jnp.einsum("...mk,...kn->...mn", a, b)
-  assert _dots_contracting_lhs_rows(plain, a_shape, b_shape) > 0   # what the check catches
-  assert _dots_contracting_lhs_rows(layers.matmul, a_shape, b_shape) == 0
-
-
 @pytest.mark.parametrize("overrides", [
     {}, {"head": "cls", "cls_insert_unit": 2},
     {"cortex_depth": 1, "cortex_leading_ops": ("sampling", "pe_inject")}])  # no 'mlp' last
@@ -230,12 +140,12 @@ def _equations(jaxpr):
           yield from _equations(sub)
 
 
-def test_bfloat16_compute_sums_in_float32(small_model):
-  """With bfloat16 compute, every matmul and the stem conv of bfloat16 operands asks for a
-  float32 result (layers.einsum): XLA:CPU runs only those on the CPU's bfloat16 units (AMX),
-  4-5x faster than float32, where a bfloat16 result ran at float32 speed or slower. And the
-  gradients of the Dense, mixing and stem biases and the stem's pool are float32 sums, which
-  XLA:CPU runs 10x faster than bfloat16 ones."""
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the ops' XLA:CPU versions")
+def test_bfloat16_compute_sums_in_float32_on_the_cpu(small_model):
+  """On the CPU, with bfloat16 compute, every matmul and the stem conv of bfloat16 operands asks
+  for a float32 result (the CPU's bfloat16 units need it), and the gradients of the Dense,
+  mixing and stem biases and of the stem's pool are float32 sums (docs/performance.md, "bfloat16
+  on the CPU"). tests/test_lowering.py checks the GPU/TPU programs."""
   model, variables = small_model
   bf16 = model.clone(config=get_config("sparseformer_v1_tiny", **SMALL, dtype="bfloat16"))
   images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
@@ -288,31 +198,3 @@ def test_every_variant_is_registered_with_normalization():
   from sparseformer_jax import NORMALIZATION
   assert set(NORMALIZATION) == set(VARIANTS)
   assert NORMALIZATION["sparseformer_btsp_openai_clip_base"][0][0] == pytest.approx(0.48145466)
-
-
-@pytest.mark.parametrize("conv", ["strided_conv", "conv_with_patch_gradient"])
-@pytest.mark.parametrize("shape", [(2, 16, 16, 3), (2, 17, 23, 3), (1, 7, 9, 3)])
-def test_stem_conv_and_pool_equal_xla_conv_and_reduce_window(shape, conv):
-  """The stem's 1-D-conv-over-rows (differentiated by XLA, or as a matmul over gathered patches)
-  and its phase-wise max-pool compute the plain 7x7/2 conv and MaxPool2d(3, 2, 1), values and
-  gradients, on even and odd sizes."""
-  key_x, key_k, key_g = jax.random.split(jax.random.PRNGKey(0), 3)
-  images = jax.random.normal(key_x, shape)
-  kernel = jax.random.normal(key_k, (7, 7, 3, 8))
-
-  def reference(images, kernel):
-    x = jax.lax.conv_general_dilated(images, kernel, (2, 2), ((3, 3), (3, 3)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
-
-  ours = lambda images, kernel: stem.max_pool_3x3_s2(getattr(stem, conv)(images, kernel, 2))
-  expected = reference(images, kernel)
-  np.testing.assert_allclose(ours(images, kernel), expected, rtol=1e-5, atol=1e-4)
-  # The value computed on the way to a gradient (a custom VJP's own forward pass).
-  np.testing.assert_allclose(jax.vjp(ours, images, kernel)[0], expected, rtol=1e-5, atol=1e-4)
-  weights = jax.random.normal(key_g, expected.shape)
-  loss = lambda f: lambda *args: jnp.sum(f(*args) * weights)
-  for got, want in zip(jax.grad(loss(ours), (0, 1))(images, kernel),
-                       jax.grad(loss(reference), (0, 1))(images, kernel)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

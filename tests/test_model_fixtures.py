@@ -50,7 +50,7 @@ def test_layouts_select_their_numerics_flavor():
   assert imagenet.config.flavor == "imagenet" and imagenet.config.grad_clamp
   assert library.config.flavor == "library" and not library.config.grad_clamp
   ref = reference("square")
-  # The two official flavors really differ on the same weights (SPEC: by ~0.03-0.05).
+  # The two official flavors really differ on the same weights (by ~0.03-0.05).
   assert np.abs(ref["logits_imagenet_format"] - ref["logits_library_format"]).max() > 1e-2
 
 

@@ -14,7 +14,7 @@ BTSP_FOCUSING_OPS = ("sampling", "pe_inject", "attn", "mlp", "roi_adjust")
 BTSP_LEADING_OPS = ("sampling", "pe_inject")
 PLAIN_OPS = ("attn", "mlp")
 
-# Numerics that differ between the two official code bases (SPEC §1, §3).
+# Numerics that differ between the two official code bases (docs/model.md §1, §3).
 FLAVORS = {
     # imagenet/models/sparseformer.py (release v1.0.0)
     "imagenet": dict(stem_unbiased_var=True, stem_eps=1e-7, offset_eps=1e-7,
@@ -51,7 +51,7 @@ class SparseFormerConfig:
   head: str = "avg"                # "avg": mean over tokens; "cls": the CLS token
   cls_insert_unit: int = -1        # unit index (0 = focusing) before which a CLS token is prepended
   head_bias: bool = True
-  # Numerics (SPEC §1, §3, §6).
+  # Numerics (docs/model.md §1, §3, §6).
   flavor: str = "imagenet"         # "imagenet" | "library": see FLAVORS
   ln_eps: float = 1e-6
   grad_clamp: bool = True          # clamp the sampling points' gradient to 1/H_feat (images only)
@@ -62,7 +62,7 @@ class SparseFormerConfig:
   roi_adjust_mlp: bool = False     # btsp: LN -> Linear -> GELU -> Linear RoI adjust, no drop path
   stage_embedding: bool = False    # btsp: a learned (repeats, width) table added per repeat
   quick_gelu: bool = False         # CLIP: QuickGELU in the MLPs of units that do not repeat
-  # Video (SPEC §7): RoIs (x1, y1, t1, x2, y2, t2) and `replicates` copies of every token.
+  # Video (docs/model.md §7): RoIs (x1, y1, t1, x2, y2, t2) and `replicates` copies of every token.
   video: bool = False
   replicates: int = 1
   dtype: str = "float32"           # compute dtype; params are always float32

@@ -1,23 +1,15 @@
 """Adaptive mixing: every token decodes its own sampled points with channel and point mixing
-matrices generated from its embedding (SPEC §3.3)."""
-import itertools
-
+matrices generated from its embedding (docs/model.md §3)."""
 import flax.linen as nn
-import jax.numpy as jnp
 
-from sparseformer_jax.models.layers import (dense, einsum, gelu, layer_norm, matmul, trunc_normal,
+from sparseformer_jax import ops
+from sparseformer_jax.models.layers import (dense, gelu, layer_norm, trunc_normal,
                                             xavier_uniform_blocks)
 
 
 class SplitDense(nn.Module):
   """A Dense layer (params 'kernel', 'bias') whose outputs come as separate blocks of
-  `features`: each block is its own matmul with a slice of the kernel, so that no large output
-  is written once and then copied into its parts. The bias is added inside the matmul, as an
-  extra kernel row met by a column of ones in x: the outputs are the mixing matrices, big
-  enough that a separate bias pass over them cost 3% of SF-T's inference on XLA:CPU. The kernel
-  is cut with one split, whose gradient is one concatenation of the blocks' gradients (sliced,
-  each block's gradient was padded to the full kernel and the pads summed: SF-T training on 2
-  CPU cores, +1-2%)."""
+  `features` (`ops.split_dense`)."""
   features: tuple
   dtype: str = "float32"
   kernel_init: nn.initializers.Initializer = trunc_normal(0.02)
@@ -25,14 +17,10 @@ class SplitDense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    """(M, K) -> a list of (M, size) arrays in `dtype`."""
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], sum(self.features)))
     bias = self.param("bias", self.bias_init, (sum(self.features),))
-    flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-    flat = jnp.concatenate([flat, jnp.ones((flat.shape[0], 1), flat.dtype)], axis=1)
-    kernel = jnp.concatenate([kernel, bias[None]], axis=0).astype(self.dtype)  # (in + 1, out)
-    blocks = jnp.split(kernel, list(itertools.accumulate(self.features))[:-1], axis=1)
-    return [einsum("mk,kn->mn", flat, block).reshape(*x.shape[:-1], block.shape[1])
-            for block in blocks]
+    return ops.split_dense(x.astype(self.dtype), kernel, bias, self.features)
 
 
 class AdaptiveMixing(nn.Module):
@@ -63,12 +51,11 @@ class AdaptiveMixing(nn.Module):
     point_mix = point_mix.reshape(-1, self.out_points, points)           # (B*N, Po, P)
     sampled = sampled.reshape(-1, points, channels).astype(channel_mix.dtype)
 
-    # The biases are added in float32, so that their gradients are float32 sums (XLA:CPU runs
-    # bfloat16 ones 10x slower).
-    h = matmul(sampled, channel_mix)                                     # (B*N, P, C)
+    # The betas are added in float32, before GELU.
+    h = ops.matmul(sampled, channel_mix)                                 # (B*N, P, C)
     if self.use_bias:
       h = gelu(h + self.param("m_beta", nn.initializers.zeros, (channels,))).astype(self.dtype)
-    h = matmul(point_mix, h)                                             # (B*N, Po, C)
+    h = ops.matmul(point_mix, h)                                         # (B*N, Po, C)
     if self.use_bias:
       h = h + self.param("s_beta", nn.initializers.zeros, (self.out_points,))[:, None]
     h = gelu(h).astype(self.dtype)

@@ -11,7 +11,7 @@ import numpy as np
 
 
 def initial_rois(num_tokens: int, dims: int = 2, replicates: int = 1) -> np.ndarray:
-  """(replicates * num_tokens, 2 * dims) starting RoIs (SPEC §2, §7).
+  """(replicates * num_tokens, 2 * dims) starting RoIs (docs/model.md §2, §7).
 
   With r = floor(sqrt(N)), token i * r + j covers [0.5 i/(r-1), +0.5] in x and [0.5 j/(r-1),
   +0.5] in y; tokens past r*r cover the whole image. Video replica k spans time [k/R, (k+1)/R]

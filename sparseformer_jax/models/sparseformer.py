@@ -2,7 +2,7 @@
 
 The focusing transformer is one SFUnit repeated (shared weights) at a narrow width; the cortex
 transformer is a stack of SFUnits at a wider width whose first unit samples once more. Images are
-(B, H, W, 3) and videos (B, T, H, W, 3), normalized, of any size (SPEC §4, §6, §7).
+(B, H, W, 3) and videos (B, T, H, W, 3), normalized, of any size (docs/model.md §4, §6, §7).
 """
 from typing import Tuple
 

@@ -1,8 +1,8 @@
 """The SparseFormer unit (SFUnit): a list of ops applied `repeats` times with shared weights.
 
-Ops (SPEC §3, §6): 'attn' self-attention, 'roi_adjust' move/resize the RoIs, 'sampling' generate
-points in the RoIs, sample the feature map and decode with adaptive mixing, 'mlp', and
-'pe_inject' add an encoding of the RoI. Every repeat has its own drop-path rate.
+Ops (docs/model.md §3, §6): 'attn' self-attention, 'roi_adjust' move/resize the RoIs,
+'sampling' generate points in the RoIs, sample the feature map and decode with adaptive mixing,
+'mlp', and 'pe_inject' add an encoding of the RoI. Every repeat has its own drop-path rate.
 """
 from typing import Optional, Tuple
 

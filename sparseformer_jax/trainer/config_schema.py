@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sub_batches = 1                   # each device's (micro-)batch runs as this many interleaved
                                       # sub-batches in one program, same results: XLA:CPU
                                       # overlaps them (~+10% on 2 cores); 1 on GPU/TPU
+  c.cpu_workarounds = True            # on the CPU, trace the ops' XLA:CPU versions (faster, same
+                                      # results; sparseformer_jax/ops); False: the plain ops, as
+                                      # GPU/TPU always run (A/B runs, debugging)
   c.num_epochs = 300.0                # training length, unless num_train_steps > 0
   c.num_train_steps = -1              # > 0: overrides num_epochs
   c.warmup_epochs = 20.0              # linear warm-up length (converted to steps)

@@ -37,6 +37,7 @@ from sparseformer_jax.trainer import workdir_lock
 from sparseformer_jax import token_intermediates
 from sparseformer_jax.ops.sub_batches import apply_in_sub_batches
 from sparseformer_jax.analysis import visualize
+from sparseformer_jax import ops
 from sparseformer_jax.ops import xla_cpu
 from sparseformer_jax.data import input_pipeline
 from sparseformer_jax.models import stem
@@ -463,7 +464,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     state = _initial_state(config, workdir, checkpoints, init_state, abstract, shardings, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    eval_step = jax.jit(make_eval_step(model, info['num_classes'], config.sub_batches),
+    traced = ops.cpu_workarounds(config.cpu_workarounds)  # the op versions the steps trace
+    eval_step = jax.jit(traced(make_eval_step(model, info['num_classes'], config.sub_batches)),
                         in_shardings=(shardings['params'], shardings['ema_params'],
                                       batch_sharding),
                         out_shardings=sharding.replicated(mesh),
@@ -481,7 +483,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write_scalars(start_step, results)
       return results
 
-    train_step = jax.jit(make_train_step(model, tx, schedule, config, mesh),
+    train_step = jax.jit(traced(make_train_step(model, tx, schedule, config, mesh)),
                          in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, sharding.replicated(mesh)),
                          donate_argnums=0, compiler_options=xla_cpu.compiler_options())

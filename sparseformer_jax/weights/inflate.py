@@ -1,4 +1,4 @@
-"""Inflating image SparseFormer weights into a video SparseFormer (SPEC §7).
+"""Inflating image SparseFormer weights into a video SparseFormer (docs/model.md §7).
 
 The official MediaSparseFormer starts from image weights (`load_2d_state_dict`): every latent
 token is copied `replicates` times, replica k looking at the time span [k/r, (k+1)/r], and every
@@ -64,6 +64,6 @@ def inflate_from_image(variables: Dict[str, Any], replicates: int) -> Dict[str, 
 
 def video_config(image_config: SparseFormerConfig, replicates: int) -> SparseFormerConfig:
   """The video model's config for `inflate_from_image(…, replicates)` weights: the image model's
-  numerics, except no gradient clamp (the official 3-D sampling never clamps, SPEC §7)."""
+  numerics, except no gradient clamp (the official 3-D sampling never clamps, docs/model.md §7)."""
   return dataclasses.replace(image_config, video=True, replicates=replicates,
                              grad_clamp=False).validate()

@@ -1,4 +1,5 @@
-"""Loads the official PyTorch SparseFormer weights (both key layouts, SPEC §5) into flax params.
+"""Loads the official PyTorch SparseFormer weights (both key layouts, docs/model.md §5) into flax
+params.
 
 The flax parameter tree is the source of truth: every flax leaf names the torch key it comes from
 (`torch_key`), so missing, unexpected and mis-shaped keys are all found by one comparison.
@@ -138,7 +139,7 @@ def checkpoint_config(state_dict: Mapping[str, Any], name: str, **overrides) -> 
   layout = detect_layout(state_dict)
   fields = {"flavor": layout}
   if layout == "library":
-    fields["grad_clamp"] = False       # the library's v1 flavor does not clamp (SPEC §3)
+    fields["grad_clamp"] = False       # the library's v1 flavor does not clamp (docs/model.md §3)
   cfg = get_config(name, **{**fields, **overrides})
   head = state_dict.get(torch_key(cfg, layout, ("head", "kernel")))
   if "num_classes" not in overrides and head is not None and head.ndim == 2:
