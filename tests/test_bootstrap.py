@@ -18,6 +18,7 @@ from sparseformer_jax import create_model
 from sparseformer_jax.baselines.vit import Block, ViT, ViTConfig
 from sparseformer_jax.models.unit import SFUnit
 from sparseformer_jax.trainer import bootstrap, optim, sharding, train
+from sparseformer_jax.trainer.config_schema import ConfigError
 from sparseformer_jax.weights.inherit import inherit_from_vit
 from sparseformer_jax.weights.vit_checkpoint import to_vision_transformer_npz
 
@@ -161,3 +162,25 @@ def test_a_bootstrap_run_resumes_exactly(bootstrap_run, main_env, teacher_file, 
   result = _run(main_env, workdir, teacher_file[0])
   assert 'Training steps 5..12' in result.stderr
   assert_same_run(workdir, bootstrap_run)
+
+
+@pytest.mark.parametrize('arg,message', [
+    ('model=sparseformer_btsp_augreg_base', 'needs teacher=SOURCE'),
+    ('teacher=t.npz,tokens=3', "argument 'tokens=3'"),
+    ('teacher=t.npz,model=sparseformer_v1_tiny', 'bootstrap a sparseformer_btsp_'),
+])
+def test_config_arguments_are_checked(arg, message):
+  with pytest.raises(ValueError, match=message):
+    bootstrap_config.get_config(arg)
+
+
+def test_config_follows_the_variant_and_the_teacher_must_fit_the_input(teacher_file, tmp_path):
+  clip = bootstrap_config.get_config('teacher=t.pth,model=sparseformer_btsp_openai_clip_base')
+  assert clip.bootstrap.teacher_activation == 'quick_gelu' and clip.input.std[0] < 0.3
+  config = _config(teacher_file[0])
+  config.input.image_size = 96
+  with pytest.raises(ConfigError, match=r'takes 64x64 images.*--config.input.image_size=64'):
+    bootstrap.Bootstrap(config, dataset_classes=10)
+  config.bootstrap.teacher = str(tmp_path / 'absent.npz')
+  with pytest.raises(ConfigError, match='No teacher checkpoint at'):
+    bootstrap.Bootstrap(config, dataset_classes=10)
