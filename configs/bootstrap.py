@@ -1,10 +1,11 @@
 """Bootstrapping a SparseFormer from a pretrained ViT without labels (Gao et al., CVPR 2024,
 "Bootstrapping SparseFormers from Vision Foundation Models", arXiv 2312.01987).
 
-  python main.py --config=configs/bootstrap.py:teacher=ViT-B_16.npz,model=sparseformer_btsp_augreg_base \
-      --workdir=workdirs/btsp_augreg_base
-  python main.py --config=configs/bootstrap.py:teacher=DIR/teacher.npz,dataset=synthetic_objects \
-      --workdir=workdirs/btsp_demo       # the CPU demo (scripts/bootstrap_demo.py makes the teacher)
+  python main.py --workdir=workdirs/btsp_augreg_base \
+      --config=configs/bootstrap.py:teacher=ViT-B_16.npz,model=sparseformer_btsp_augreg_base
+  python main.py --workdir=workdirs/btsp_demo \
+      --config=configs/bootstrap.py:teacher=DIR/teacher.npz,dataset=synthetic_objects
+      # the CPU demo (scripts/bootstrap_demo.py makes the teacher)
   python main.py --config=configs/bootstrap.py:teacher=T.npz,smoke --workdir=/tmp/btsp  # < 60 s
 
 Arguments (comma-separated): teacher=SOURCE (a vision_transformer / big_vision .npz, or a timm /

@@ -7,8 +7,8 @@ the teacher's own classifier head.
 Step 1 trains the teacher (configs/bootstrap.py:DEMO_TEACHER, a 6-block ViT with 8-pixel
 patches) with the trainer's own train/eval steps and writes it as a vision_transformer .npz, the
 format of the AugReg checkpoints; rerunning reuses it. Step 2 is exactly
-  python main.py --config=configs/bootstrap.py:teacher=WORKDIR/teacher.npz,dataset=synthetic_objects \\
-      --workdir=WORKDIR/student
+  python main.py --workdir=WORKDIR/student \\
+      --config=configs/bootstrap.py:teacher=WORKDIR/teacher.npz,dataset=synthetic_objects
 and WORKDIR/summary.json gets both models' figures.
 """
 import argparse
@@ -39,7 +39,7 @@ def teacher_config(epochs: float):
   config = default_config.get_config()
   config.input.mean, config.input.std = NORMALIZATION[STUDENT]
   config.num_epochs = epochs
-  config.optimizer.base_lr = 1e-3
+  config.optimizer.base_lr = 3e-4
   return config
 
 

@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from sparseformer_jax.models.layers import Attention, Mlp, dense, layer_norm, residual_add, trunc_normal
+from sparseformer_jax.models.layers import (Attention, Mlp, dense, layer_norm, residual_add,
+                                            trunc_normal)
 
 POOLS = ("cls", "gap", "gap_fc_norm")
 

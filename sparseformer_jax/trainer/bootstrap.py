@@ -47,7 +47,8 @@ class Bootstrap:
     boot = config.bootstrap
     try:
       self.teacher, variables, size = load_vit(boot.teacher, activation=boot.teacher_activation,
-                                               num_heads=boot.teacher_num_heads)
+                                               num_heads=boot.teacher_num_heads,
+                                               dtype=config.dtype)
     except (OSError, ValueError) as e:
       raise config_schema.ConfigError(f'config.bootstrap.teacher={boot.teacher!r}: {e}') from e
     self.teacher_params = variables['params']

@@ -126,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.roi_images = 4                    # eval draws the tokens' RoIs on this many validation
                                       # images into TensorBoard (image models; 0 = off)
 
-  c.bootstrap = ml_collections.ConfigDict()  # task='bootstrap' (CVPR 2024), see configs/bootstrap.py
+  c.bootstrap = ml_collections.ConfigDict()  # task='bootstrap' (CVPR 2024): configs/bootstrap.py
   c.bootstrap.teacher = ''            # the pretrained ViT: a vision_transformer / big_vision .npz,
                                       # or a timm / OpenCLIP PyTorch state dict
   c.bootstrap.teacher_activation = 'gelu'  # 'gelu' | 'quick_gelu' (OpenAI CLIP): not in the file

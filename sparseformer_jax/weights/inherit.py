@@ -38,10 +38,10 @@ def inheritance(student: SparseFormerConfig, teacher: ViTConfig,
   if start < 0:
     problems.append(f"the student has {len(units)} ViT units, the teacher only {teacher.depth} "
                     "blocks")
-  if student.cortex_width != teacher.width or student.heads(student.cortex_width) != teacher.num_heads:
-    problems.append(f"cortex width {student.cortex_width} with "
-                    f"{student.heads(student.cortex_width)} heads vs the teacher's {teacher.width} "
-                    f"with {teacher.num_heads}")
+  heads = student.heads(student.cortex_width)
+  if (student.cortex_width, heads) != (teacher.width, teacher.num_heads):
+    problems.append(f"cortex width {student.cortex_width} with {heads} heads vs the teacher's "
+                    f"{teacher.width} with {teacher.num_heads}")
   if ("quick_gelu" if student.quick_gelu else "gelu") != teacher.activation:
     problems.append(f"quick_gelu={student.quick_gelu} vs the teacher's {teacher.activation}")
   if not teacher.num_classes:
