@@ -51,6 +51,8 @@ def model_overrides() -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   """Every known field with its default (the official recipe: SF-T on ImageNet-1K)."""
   c = ml_collections.ConfigDict()
+  c.task = 'classification'           # 'classification' (labels) | 'bootstrap' (match a ViT
+                                      # teacher without labels: configs/bootstrap.py)
   c.seed = 0                          # model init, dropout (fold_in(key, step)) and data order
   c.dataset = 'imagenet2012'          # a TFDS name, e.g. 'synthetic_objects/smoke'
   c.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: the TFDS default
@@ -144,6 +146,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.roi_images = 4                    # eval draws the tokens' RoIs on this many validation
                                       # images into TensorBoard (image models; 0 = off)
 
+  c.bootstrap = ml_collections.ConfigDict()  # task='bootstrap' (CVPR 2024): configs/bootstrap.py
+  c.bootstrap.teacher = ''            # the pretrained ViT: a vision_transformer / big_vision .npz,
+                                      # or a timm / OpenCLIP PyTorch state dict
+  c.bootstrap.teacher_activation = 'gelu'  # 'gelu' | 'quick_gelu' (OpenAI CLIP): not in the file
+  c.bootstrap.teacher_num_heads = 0   # PyTorch layouts do not record it; 0: width // 64
+  c.bootstrap.first_frozen_block = -1  # teacher blocks from this one on stay frozen (with the
+                                      # final norm and head); -1: 2/3 of its depth (the paper)
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                    # data-parallel axis size, -1: all devices / fsdp
   c.mesh.fsdp = 1                     # axis that also shards params and optimizer state
@@ -158,6 +168,8 @@ _CHOICES = {
     'dtype': ('float32', 'bfloat16'),
     'nan_policy': ('raise', 'skip'),
     'input.augment': AUGMENT_MODES,
+    'task': ('classification', 'bootstrap'),
+    'bootstrap.teacher_activation': ('gelu', 'quick_gelu'),
 }
 _POSITIVE = ('global_batch_size', 'eval_batch_size', 'sub_batches', 'log_every_steps', 'keep_checkpoints',
              'optimizer.accum_steps', 'optimizer.lr_base_batch_size', 'input.image_size',
@@ -242,6 +254,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.init_skip and config.eval_only:
     raise ConfigError('config.init_skip leaves params freshly initialized, which an eval-only run '
                       'would evaluate: clear init_skip, or set eval_only=False to fine-tune.')
+  if config.task == 'bootstrap' and not config.bootstrap.teacher:
+    raise ConfigError("config.task='bootstrap' needs a teacher: set config.bootstrap.teacher to a "
+                      'ViT checkpoint (.npz, or a timm / OpenCLIP .pth).')
+  if config.task == 'bootstrap' and (config.init_from or config.input.num_frames):
+    raise ConfigError("config.task='bootstrap' starts from the teacher's weights, on images: "
+                      'clear config.init_from and config.input.num_frames.')
   if config.eval_every_steps < -1:
     raise ConfigError('config.eval_every_steps must be -1 (every epoch), 0 (only at the end) '
                       f'or a step count, got {config.eval_every_steps}.')

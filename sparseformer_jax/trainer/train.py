@@ -26,6 +26,7 @@ from clu import periodic_actions
 from etils import epath
 from flax import traverse_util
 
+from sparseformer_jax.trainer import bootstrap
 from sparseformer_jax.trainer import checkpointing
 from sparseformer_jax.trainer import config_schema
 from sparseformer_jax import VARIANTS, create_model, load_pretrained
@@ -192,8 +193,9 @@ def make_init_fn(model, tx, config):
   return init_state
 
 
-def make_train_step(model, tx, schedule, config, mesh):
-  """(state, batch) -> (state, metrics): one optimizer update, over accum_steps micro-batches."""
+def make_train_step(model, tx, schedule, config, mesh, task=None):
+  """(state, batch[, teacher_params]) -> (state, metrics): one optimizer update, over
+  accum_steps micro-batches. With a bootstrap `task` the targets are the teacher's outputs."""
   accum = config.optimizer.accum_steps
   ema_decay = config.optimizer.ema_decay
 
@@ -202,6 +204,8 @@ def make_train_step(model, tx, schedule, config, mesh):
     logits = apply_in_sub_batches(
         lambda x, k: model.apply({'params': params}, x, train=True, rngs={'dropout': k}),
         images, config.sub_batches, key)
+    if task:
+      return bootstrap.alignment_loss(logits, targets)
     return metrics_lib.soft_target_cross_entropy(logits, targets)
 
   def loss_and_grads(params, batch, key):
@@ -222,7 +226,9 @@ def make_train_step(model, tx, schedule, config, mesh):
     grad_sum, losses = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     return losses.mean(), jax.tree.map(lambda g: g / accum, grad_sum)
 
-  def train_step(state, batch):
+  def train_step(state, batch, teacher_params=None):
+    if task:  # Label-free: the teacher's outputs on the same images are the targets.
+      batch = {'image': batch['image'], 'label': task.targets(teacher_params, batch['image'])}
     key = jax.random.fold_in(_stream_key(config.seed, _DROPOUT_STREAM), state['step'])
     loss, grads = loss_and_grads(state['params'], batch, key)
     grad_norm = optax.tree.norm(grads)
@@ -273,19 +279,20 @@ def make_eval_step(model, num_classes: int, sub_batches: int):
   return eval_step
 
 
-def evaluate(eval_step, state, config, mesh) -> dict:
-  """Top-1/top-5 of params and EMA over the whole eval split, exact on any device count."""
+def evaluate(eval_step, state, config, mesh, *extra) -> dict:
+  """Top-1/top-5 (or the bootstrap metrics) of params and EMA over the whole eval split, exact
+  on any device count; `extra` follows the batch into eval_step (the teacher's params)."""
   local_batch = config.eval_batch_size // jax.process_count()
   totals = None
   for batch in input_pipeline.create_eval_iterator(
       config, local_batch_size=local_batch, process_index=jax.process_index(),
       process_count=jax.process_count()):
     counts = eval_step(state['params'], state['ema_params'],
-                       sharding.global_batch(sharding.pad_batch(batch, local_batch), mesh))
+                       sharding.global_batch(sharding.pad_batch(batch, local_batch), mesh), *extra)
     totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
   totals = jax.device_get(totals)
   n = int(totals['val/num_examples'])
-  return {k: (n if k == 'val/num_examples' else int(v) / max(n, 1)) for k, v in totals.items()}
+  return {k: (n if k == 'val/num_examples' else float(v) / max(n, 1)) for k, v in totals.items()}
 
 
 def make_roi_writer(model, config, writer):
@@ -396,9 +403,11 @@ def load_init_weights(config, abstract, shardings, mesh) -> dict:
                                     skip=config.init_skip)
 
 
-def _initial_state(config, workdir, checkpoints, init_state, abstract, shardings, mesh):
+def _initial_state(config, workdir, checkpoints, init_state, abstract, shardings, mesh,
+                   inherit=None):
   """The workdir's newest checkpoint that restores (resume); else a fresh init, with
-  init_from's weights (read first: a bad init_from fails before anything compiles)."""
+  init_from's weights (read first: a bad init_from fails before anything compiles) or those
+  `inherit(params)` copies in (a bootstrap teacher's)."""
   resumed = checkpoints.restore_latest(abstract)
   if resumed is not None:
     logging.info('Resuming from %s/%d.', checkpoints.directory, resumed[0])
@@ -412,6 +421,9 @@ def _initial_state(config, workdir, checkpoints, init_state, abstract, shardings
     except FileNotFoundError as e:
       raise config_schema.ConfigError(f'config.init_from={config.init_from!r}: {e}') from e
   state = jax.jit(init_state, out_shardings=shardings)()
+  if inherit:
+    state['params'] = jax.device_put(inherit(state['params']), shardings['params'])
+    state['ema_params'] = jax.tree.map(jnp.copy, state['params'])
   if config.init_from:
     params = traverse_util.flatten_dict(state['params'])
     params.update(traverse_util.flatten_dict(weights['params']))  # all but init_skip's
@@ -437,7 +449,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = checkpointing.absolute(workdir)
   _make_workdir(workdir)
   info = _dataset_info(config)
-  model = _build_model(config, info['num_classes'])
+  task = (bootstrap.Bootstrap(config, info['num_classes']) if config.task == 'bootstrap'
+          else None)
+  model = _build_model(config, task.num_classes if task else info['num_classes'])
+  if task:  # The params the task freezes join config.optimizer.frozen.
+    config = task.with_frozen(config, model.config)
   mesh = sharding.create_mesh(config.mesh)
   total_steps, warmup_steps, eval_every = _schedule_steps(config, info['num_train_examples'])
   schedule = optim.learning_rate_schedule(config.optimizer,
@@ -462,12 +478,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = metrics_lib.create_writer(workdir)
   watcher = preemption.PreemptionWatcher()
   try:
-    state = _initial_state(config, workdir, checkpoints, init_state, abstract, shardings, mesh)
+    state = _initial_state(config, workdir, checkpoints, init_state, abstract, shardings, mesh,
+                           task and (lambda params: task.inherit(params, model.config)))
     batch_sharding = sharding.batch_sharding(mesh)
     traced = ops.cpu_workarounds(config.cpu_workarounds)  # the op versions the steps trace
-    eval_step = jax.jit(traced(make_eval_step(model, info['num_classes'], config.sub_batches)),
+    # The bootstrap teacher's params follow the batch into the jitted steps, replicated.
+    extra = (jax.device_put(task.teacher_params, sharding.replicated(mesh)),) if task else ()
+    extra_shardings = (sharding.replicated(mesh),) * len(extra)
+    eval_step = jax.jit(traced(task.make_eval_step(model) if task else
+                               make_eval_step(model, info['num_classes'], config.sub_batches)),
                         in_shardings=(shardings['params'], shardings['ema_params'],
-                                      batch_sharding),
+                                      batch_sharding, *extra_shardings),
                         out_shardings=sharding.replicated(mesh),
                         compiler_options=xla_cpu.compiler_options())
     start_step = int(state['step'])
@@ -479,12 +500,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info('The run finished at step %d; its final evaluation is in %s.', start_step,
                      epath.Path(workdir) / metrics_lib.METRICS_FILE)
         return recorded
-      results = evaluate(eval_step, state, config, mesh)
+      results = evaluate(eval_step, state, config, mesh, *extra)
       writer.write_scalars(start_step, results)
       return results
 
-    train_step = jax.jit(traced(make_train_step(model, tx, schedule, config, mesh)),
-                         in_shardings=(shardings, batch_sharding),
+    train_step = jax.jit(traced(make_train_step(model, tx, schedule, config, mesh, task)),
+                         in_shardings=(shardings, batch_sharding, *extra_shardings),
                          out_shardings=(shardings, sharding.replicated(mesh)),
                          donate_argnums=0, compiler_options=xla_cpu.compiler_options())
     _record_config(config, workdir)
@@ -508,7 +529,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for step in range(start_step + 1, total_steps + 1):
       batch = sharding.global_batch(next(train_iter), mesh)
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch, *extra)
       if step == start_step + 1:  # Compilation is no part of img/s.
         jax.block_until_ready(step_metrics)
         timer = (time.monotonic(), step)
@@ -538,7 +559,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpoints.save(step, state, wait=True)
       if eval_now:
         with report_progress.timed('eval'):
-          results = evaluate(eval_step, state, config, mesh)
+          results = evaluate(eval_step, state, config, mesh, *extra)
         writer.write_scalars(step, results)
         write_rois(step, state['params'])
       if save_now and not preempted:
