@@ -2,8 +2,9 @@
 
 The task: in 8 frames of 32x32, a vivid disk moves among moving grey distractors; name the
 direction it moves in (10 classes, 36 degrees apart). One frame says nothing about the label, so
-the model has to follow the disk through time (3-D RoIs, SPEC §7). Flips and time reversal would
-change the label, so there is no augmentation at all: every clip is seen whole, as generated.
+the model has to follow the disk through time (3-D RoIs, docs/model.md §7). Flips and time
+reversal would change the label, so there is no augmentation at all: every clip is seen whole,
+as generated.
 Expected: val/top1 >= 0.90 within 10 minutes on 2 CPU cores (measured: see MEASURED below).
 
   python main.py --config=configs/video_default.py --workdir=workdirs/video_default

@@ -1,7 +1,7 @@
 """Video SparseFormer-T on Kinetics-400: sparseformer_v1_tiny with video=True, from image weights.
 
-The model is the image SparseFormer-T with 3-D RoIs (SPEC §7) and replicates=2: every latent
-token exists twice, one replica per half of the clip. Clips: 8 frames 8 apart (T x stride =
+The model is the image SparseFormer-T with 3-D RoIs (docs/model.md §7) and replicates=2: every
+latent token exists twice, one replica per half of the clip. Clips: 8 frames 8 apart (T x stride =
 8 x 8: a 57-frame window, 2.3 s of 25 fps video, as SlowFast 8x8 samples Kinetics), 224 px.
 Train: a random window, one inception crop / flip / RandAugment / erasing for all 8 frames,
 Mixup / CutMix over whole clips. Eval: the centred window, resize 256 -> centre crop 224
@@ -53,7 +53,7 @@ import ml_collections
 from configs import common
 from sparseformer_jax.trainer.config_schema import base_config
 
-REPLICATES = 2  # token replicas of the video model (SPEC §7), also the inflation factor
+REPLICATES = 2  # token replicas of the video model (docs/model.md §7), also the inflation factor
 
 
 def get_config(arg: str = ''):

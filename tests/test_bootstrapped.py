@@ -1,4 +1,5 @@
-"""The bootstrapped SparseFormers (CVPR 2024, SPEC §6) against the official code and configs."""
+"""The bootstrapped SparseFormers (CVPR 2024, docs/model.md §6) against the official code and
+configs."""
 import dataclasses
 import functools
 import os

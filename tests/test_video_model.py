@@ -1,4 +1,5 @@
-"""The video SparseFormer (SPEC §7) and image weights inflated into it, against the fixtures."""
+"""The video SparseFormer (docs/model.md §7) and image weights inflated into it, against the
+fixtures."""
 import dataclasses
 import functools
 import os

@@ -138,7 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
                                       # (e.g. 'head': fine-tuning to other classes); they keep
                                       # their fresh initialization
   c.init_inflate_replicates = 0       # > 0: init_from holds IMAGE weights, inflated into this
-                                      # video model with that many token replicas (SPEC §7)
+                                      # video model with that many token replicas
+                                      # (docs/model.md §7)
   c.eval_only = False                 # evaluate the workdir's latest checkpoint (else init_from)
   c.nan_policy = 'raise'              # non-finite loss/grad: 'raise' (stop) | 'skip' (count it)
   c.nan_skip_limit = 10               # 'skip': this many non-finite steps in a row stop the run
