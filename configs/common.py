@@ -8,6 +8,12 @@ import ml_collections
 
 from sparseformer_jax.trainer.config_schema import base_config
 
+# The numerics of the official training code (imagenet/, which trained the released weights):
+# its stem and offset statistics and the clamped sampling-point gradient (docs/model.md §1, §3).
+# create_model's defaults are the library's, in which the released weights are evaluated; a run
+# whose init_from holds official weights computes in theirs (trainer/train.py _init_numerics).
+TRAINING_NUMERICS = dict(flavor='imagenet', grad_clamp=True)
+
 # create_model overrides of the smoke model: every stage present, as small as it gets.
 SMOKE_MODEL = dict(conv_dim=16, num_tokens=9, num_points=4, focusing_width=32, focusing_repeats=2,
                    cortex_width=64, cortex_depth=2, num_heads=4)
@@ -19,6 +25,7 @@ def imagenet_config(model_name: str, drop_path_rate: float, arg: str = ''):
   config.dataset = 'imagenet2012'
   config.model.name = model_name
   config.model.drop_path_rate = drop_path_rate
+  config.model.overrides.update(TRAINING_NUMERICS)
   config.log_every_steps = 100
   config.eval_every_steps = -1  # once per epoch, as the official recipe
   config.checkpoint_every_steps = 2000

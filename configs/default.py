@@ -28,6 +28,7 @@ def get_config(arg: str = ''):
 
   config.model.name = 'sparseformer_v1_tiny'
   config.model.drop_path_rate = 0.0
+  config.model.overrides.update(common.TRAINING_NUMERICS)  # as measured below
   config.model.overrides.update(dict(
       conv_dim=32, num_tokens=16, num_points=16, focusing_width=64, focusing_repeats=4,
       cortex_width=128, cortex_depth=2, num_heads=4))

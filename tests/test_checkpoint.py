@@ -170,10 +170,12 @@ def _convert(out, torch_file=FIXTURE, name='sparseformer_v1_tiny', model=None):
 
 
 def test_converted_pytorch_checkpoint_loads_exactly_and_evaluates(main_env, tmp_path):
+  assert _convert(tmp_path / 'imagenet', FIXTURE.parent / 'sf_v1_tiny_imagenet_format.pth') == {
+      'flavor': 'imagenet', 'grad_clamp': True}   # the library's numerics are the default
   fields = _convert(tmp_path / 'converted')
-  assert fields == {'flavor': 'library', 'grad_clamp': False}
+  assert fields == {}
   recorded = json.loads((tmp_path / 'converted' / 'model.json').read_text())  # load_pretrained
-  assert recorded == {'name': 'sparseformer_v1_tiny', 'overrides': {**FIXTURE_MODEL, **fields}}
+  assert recorded == {'name': 'sparseformer_v1_tiny', 'overrides': FIXTURE_MODEL}
   expected = load_torch_checkpoint(str(FIXTURE), 'sparseformer_v1_tiny', **FIXTURE_MODEL)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -185,9 +187,9 @@ def test_converted_pytorch_checkpoint_loads_exactly_and_evaluates(main_env, tmp_
   for a, b in zip(jax.tree.leaves(loaded['params']), jax.tree.leaves(expected['params'])):
     np.testing.assert_array_equal(a, b)
 
+  # No flavor flags: the run takes the converted weights' numerics from their model.json.
   overrides = [f'--config.model.overrides.{k}={v}' for k, v in FIXTURE_MODEL.items()
-               if k != 'num_classes'] + ['--config.model.overrides.flavor=library',
-                                         '--config.model.overrides.grad_clamp=False']
+               if k != 'num_classes']
   run_main(main_env, tmp_path / 'eval', '--config.eval_only=True',
            f'--config.init_from={tmp_path / "converted"}', *overrides)
   records = read_metrics(tmp_path / 'eval')

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparseformer_jax import load_torch_checkpoint, load_torch_model, token_intermediates
+from sparseformer_jax import (create_model, load_torch_checkpoint, load_torch_model,
+                              token_intermediates)
 from sparseformer_jax.weights.torch_checkpoint import (_to_numpy_state_dict, detect_layout,
                                                       to_flax, torch_key)
 
@@ -52,6 +53,33 @@ def test_layouts_select_their_numerics_flavor():
   ref = reference("square")
   # The two official flavors really differ on the same weights (by ~0.03-0.05).
   assert np.abs(ref["logits_imagenet_format"] - ref["logits_library_format"]).max() > 1e-2
+
+
+def test_create_model_and_the_loader_on_a_release_file_give_the_official_logits():
+  """The default path: create_model (no flavor given) + load_torch_checkpoint on a file in the
+  released (library) layout computes as the official library does."""
+  model = create_model("sparseformer_v1_tiny", **TINY)
+  variables = load_torch_checkpoint(os.path.join(FIXTURES, "sf_v1_tiny_library_format.pth"),
+                                    "sparseformer_v1_tiny", **TINY)
+  ref = reference("square")
+  logits = model.apply(variables, nhwc(ref["image_nchw"]), train=False)
+  np.testing.assert_allclose(logits, ref["logits_library_format"], atol=1e-4, rtol=0)
+  assert create_model("sparseformer_v1_tiny", video=True).config.flavor == "library"
+
+
+def test_a_run_from_official_weights_computes_in_their_numerics():
+  """The ImageNet configs train in the training code's numerics; init_from=<variant> (a library
+  release file) or an imagenet-layout .pth switches the model to the weights' own."""
+  from configs import sparseformer_t  # pylint: disable=g-import-not-at-top
+  from sparseformer_jax.trainer import train  # pylint: disable=g-import-not-at-top
+  config = sparseformer_t.get_config("smoke")
+  assert train._build_model(config, 10).config.flavor == "imagenet"
+  config.init_from = "sparseformer_v1_tiny"
+  assert (train._build_model(config, 10).config.flavor, train._build_model(config, 10).config
+          .grad_clamp) == ("library", False)
+  config.init_from = os.path.join(FIXTURES, "sf_v1_tiny_imagenet_format.pth")
+  model = train._build_model(config, 10)
+  assert (model.config.flavor, model.config.grad_clamp) == ("imagenet", True)
 
 
 @pytest.mark.parametrize("name", INPUTS)

@@ -51,10 +51,12 @@ class SparseFormerConfig:
   head: str = "avg"                # "avg": mean over tokens; "cls": the CLS token
   cls_insert_unit: int = -1        # unit index (0 = focusing) before which a CLS token is prepended
   head_bias: bool = True
-  # Numerics (docs/model.md §1, §3, §6).
-  flavor: str = "imagenet"         # "imagenet" | "library": see FLAVORS
+  # Numerics (docs/model.md §1, §3, §6). The defaults are the official library's, in which the
+  # released weights (and every video model) compute; the ImageNet training code's are
+  # flavor="imagenet", grad_clamp=True (configs/common.py TRAINING_NUMERICS).
+  flavor: str = "library"          # "imagenet" | "library": see FLAVORS
   ln_eps: float = 1e-6
-  grad_clamp: bool = True          # clamp the sampling points' gradient to 1/H_feat (images only)
+  grad_clamp: bool = False         # clamp the sampling points' gradient to 1/H_feat (images only)
   padding: str = "zeros"           # "zeros" | "border": sampling outside the feature map
   mixing_bias: bool = True         # m_beta/s_beta and a GELU between the two mixing matmuls
   generator_hidden: Optional[int] = None  # hidden width of the mixing generator; None: width // 4

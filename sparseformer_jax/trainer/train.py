@@ -43,6 +43,7 @@ from sparseformer_jax.ops import xla_cpu
 from sparseformer_jax.data import input_pipeline
 from sparseformer_jax.models import stem
 from sparseformer_jax.weights import inflate
+from sparseformer_jax.weights import pretrained
 
 
 def _make_workdir(workdir: str) -> None:
@@ -81,6 +82,23 @@ def _record_config(config, workdir: str) -> None:
     tmp.replace(path)
 
 
+def _init_numerics(config, overrides: dict) -> dict:
+  """The numerics fields of official weights in init_from (a variant name, a .pth, a URL, a
+  converted directory): the model computes as the code that made them, whatever the config's
+  flavor (the ImageNet recipe trains in the training code's)."""
+  if not config.init_from:
+    return {}
+  try:
+    numerics = pretrained.numerics_of(config.init_from)
+  except (ValueError, OSError, RuntimeError) as e:
+    raise config_schema.ConfigError(f'config.init_from={config.init_from!r}: {e}') from e
+  changed = {k: v for k, v in numerics.items() if overrides.get(k) != v}
+  if changed:
+    logging.info('config.init_from=%s holds weights made to compute with %s; the model does.',
+                 config.init_from, changed)
+  return numerics
+
+
 def _build_model(config, num_classes: int):
   """create_model from the config, with its errors pointed at the config fields."""
   if config.input.image_size < stem.KERNEL:
@@ -88,6 +106,7 @@ def _build_model(config, num_classes: int):
         f"config.input.image_size={config.input.image_size} is smaller than the stem's "
         f'{stem.KERNEL}x{stem.KERNEL} convolution: use at least {stem.KERNEL}.')
   overrides = {k: v for k, v in config.model.overrides.to_dict().items() if v is not None}
+  overrides.update(_init_numerics(config, overrides))
   try:
     model = create_model(config.model.name, num_classes=num_classes, dtype=config.dtype,
                          drop_path_rate=config.model.drop_path_rate, **overrides)

@@ -208,6 +208,27 @@ def load_converted(directory: str, name: Optional[str] = None, **overrides):
   return model, {"params": params}
 
 
+def numerics_of(source, name: Optional[str] = None) -> dict:
+  """The numerics fields (flavor, grad_clamp) that the weights at `source` were made to compute
+  in: a variant name (its release file, library layout), a .pth or URL (its key layout), a
+  convert_checkpoint.py --out directory (its model.json); {} where the weights do not say (a
+  training workdir computes as its own config says)."""
+  library = torch_checkpoint.LAYOUT_NUMERICS["library"]
+  if source is None or (source in VARIANTS and not epath.Path(source).exists()):
+    return dict(library)        # every official release file is in the library's layout
+  path = fetch(source)
+  if is_run(path) or not epath.Path(path).exists():
+    return {}                   # a missing path is reported by whoever reads the weights
+  if epath.Path(path).is_dir():
+    saved = _model_file(path)
+    if saved is None:
+      return {}
+    recorded = saved["overrides"]   # the fields that differ from the (library) defaults
+    return {k: recorded.get(k, library[k]) for k in library}
+  state_dict = torch_checkpoint._to_numpy_state_dict(path)  # pylint: disable=protected-access
+  return dict(torch_checkpoint.LAYOUT_NUMERICS[torch_checkpoint.detect_layout(state_dict)])
+
+
 def load_pretrained(name: Optional[str] = None, source=None, *, cache_dir: Optional[str] = None,
                     num_classes: Optional[int] = None, dtype: Optional[str] = None,
                     ema: bool = False, **overrides):

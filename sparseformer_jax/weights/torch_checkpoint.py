@@ -18,6 +18,10 @@ from sparseformer_jax.models.sparseformer import SparseFormer
 from sparseformer_jax.weights import pth_reader
 
 LAYOUTS = {"imagenet": "token_roi.weight", "library": "initial_roi.weight"}
+# The numerics each layout's code computes in: the imagenet codebase always clamps the sampling
+# points' gradient, the library's v1 flavor never does (docs/model.md §3).
+LAYOUT_NUMERICS = {"imagenet": dict(flavor="imagenet", grad_clamp=True),
+                   "library": dict(flavor="library", grad_clamp=False)}
 
 _UNIT_MODULES = {
     "roi_adjust/norm": "roi_adjust_module.0",
@@ -137,9 +141,7 @@ def checkpoint_config(state_dict: Mapping[str, Any], name: str, **overrides) -> 
   """The config matching a checkpoint: the variant, the layout's numerics flavor, the head's
   class count (unless `overrides` give num_classes), overrides."""
   layout = detect_layout(state_dict)
-  fields = {"flavor": layout}
-  if layout == "library":
-    fields["grad_clamp"] = False       # the library's v1 flavor does not clamp (docs/model.md §3)
+  fields = LAYOUT_NUMERICS[layout]
   cfg = get_config(name, **{**fields, **overrides})
   head = state_dict.get(torch_key(cfg, layout, ("head", "kernel")))
   if "num_classes" not in overrides and head is not None and head.ndim == 2:
