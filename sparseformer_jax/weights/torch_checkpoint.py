@@ -177,15 +177,23 @@ def load_torch_checkpoint(source: Union[str, os.PathLike, Mapping[str, Any]], na
     params[path] = value
   unexpected = sorted(set(state_dict) - used)
   if missing or unexpected or misshaped:
-    lines = [f"The {layout}-layout checkpoint does not fit {name!r} with {overrides or 'no overrides'}:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("mis-shaped", misshaped)):
-      if items:
-        lines.append(f"  {len(items)} {title} key(s):")
-        lines.extend(f"    {item}" for item in items)
-    lines.append("Check the model name and overrides (num_classes, num_tokens, video=True, ...).")
-    raise ValueError("\n".join(lines))
+    raise ValueError(mismatch_report(
+        f"The {layout}-layout checkpoint does not fit {name!r} with "
+        f"{overrides or 'no overrides'}:", missing, unexpected, misshaped,
+        "Check the model name and overrides (num_classes, num_tokens, video=True, ...)."))
   return {"params": flax.traverse_util.unflatten_dict(params)}
+
+
+def mismatch_report(header: str, missing, unexpected, misshaped, advice: str) -> str:
+  """The message of a checkpoint that does not fit: every missing, unexpected and mis-shaped
+  key under its count, then what to check."""
+  lines = [header]
+  for title, items in (("missing", missing), ("unexpected", unexpected),
+                       ("mis-shaped", misshaped)):
+    if items:
+      lines.append(f"  {len(items)} {title} key(s):")
+      lines.extend(f"    {item}" for item in items)
+  return "\n".join(lines + [advice])
 
 
 def load_torch_model(source, name: str, **overrides):

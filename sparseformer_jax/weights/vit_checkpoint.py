@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparseformer_jax.baselines.vit import ViT, ViTConfig
-from sparseformer_jax.weights.torch_checkpoint import _to_numpy_state_dict
+from sparseformer_jax.weights import torch_checkpoint
 
 Path = Tuple[str, ...]
 Source = Tuple[Tuple[str, ...], Callable[..., np.ndarray]]   # keys, and how they make the leaf
@@ -65,7 +65,7 @@ def read_state(source) -> Dict[str, np.ndarray]:
       raise FileNotFoundError(f"No teacher checkpoint at {source}.")
     if os.fspath(source).endswith(".npz"):
       return _read_npz(source)
-  return _to_numpy_state_dict(source)
+  return torch_checkpoint._to_numpy_state_dict(source)  # pylint: disable=protected-access
 
 
 def _normalize(state: Mapping[str, np.ndarray]) -> Tuple[str, Dict[str, np.ndarray]]:
@@ -239,15 +239,10 @@ def load_vit(source, *, activation: str = "gelu", num_heads: int = 0, **override
     params[path] = value
   unexpected = sorted(set(state) - used)
   if missing or unexpected or misshaped:
-    lines = [f"The {layout} ViT checkpoint does not fit a ViT with {fields}:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("mis-shaped", misshaped)):
-      if items:
-        lines.append(f"  {len(items)} {title} key(s):")
-        lines.extend(f"    {item}" for item in items)
-    lines.append("Supported: pre-LN ViTs with a CLS or average-pooled head (no pre-logits layer, "
-                 "layer scale, register tokens or attention pooling).")
-    raise ValueError("\n".join(lines))
+    raise ValueError(torch_checkpoint.mismatch_report(
+        f"The {layout} ViT checkpoint does not fit a ViT with {fields}:", missing, unexpected,
+        misshaped, "Supported: pre-LN ViTs with a CLS or average-pooled head (no pre-logits "
+        "layer, layer scale, register tokens or attention pooling)."))
   return ViT(cfg), {"params": flax.traverse_util.unflatten_dict(params)}, grid * cfg.patch
 
 
