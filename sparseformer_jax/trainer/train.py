@@ -86,8 +86,8 @@ def _init_numerics(config, overrides: dict) -> dict:
   """The numerics fields of official weights in init_from (a variant name, a .pth, a URL, a
   converted directory): the model computes as the code that made them, whatever the config's
   flavor (the ImageNet recipe trains in the training code's)."""
-  if not config.init_from:
-    return {}
+  if not (is_pretrained_source(config.init_from) or epath.Path(config.init_from).is_dir()):
+    return {}   # no weights, or a path that load_init_weights reports on
   try:
     numerics = pretrained.numerics_of(config.init_from)
   except (ValueError, OSError, RuntimeError) as e:
