@@ -11,11 +11,11 @@ import sys
 import time
 import zlib
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from sparseformer_jax.trainer import config_schema
 from sparseformer_jax.data import image_folder
 from sparseformer_jax.data import input_pipeline
 import image_folder_helpers as helpers
@@ -49,6 +49,13 @@ def prepared(tmp_path_factory):
           'readable': readable, 'stdout': out}
 
 
+def _data_config(dataset, data_dir):
+  """The schema's config (every field the pipeline reads) pointed at a prepared dataset."""
+  config = config_schema.base_config()
+  config.dataset, config.data_dir = dataset, os.fspath(data_dir)
+  return config
+
+
 def test_every_readable_image_is_in_the_dataset_and_every_other_file_is_reported(prepared):
   data_dir = prepared['data_dir']
   train = helpers.file_names(data_dir, 'my_pics', 'train')
@@ -60,8 +67,7 @@ def test_every_readable_image_is_in_the_dataset_and_every_other_file_is_reported
     assert path in report and path in prepared['stdout']
   assert '.hidden' not in report
   assert 'empty_class' in prepared['stdout'] and '4 files skipped' in prepared['stdout']
-  config = ml_collections.ConfigDict({'dataset': 'my_pics', 'data_dir': os.fspath(data_dir),
-                                      'input': {'num_frames': 0}})
+  config = _data_config('my_pics', data_dir)
   assert input_pipeline.get_dataset_info(config) == {
       'num_classes': 3, 'num_train_examples': len(train),
       'num_eval_examples': len(validation)}
@@ -168,8 +174,7 @@ def test_a_killed_prepare_is_never_read_and_rebuilt_next_time(tmp_path):
   process.send_signal(signal.SIGKILL)
   process.communicate()
   assert process.returncode == -signal.SIGKILL, 'the build finished before it could be killed'
-  config = ml_collections.ConfigDict({'dataset': 'killed', 'data_dir': os.fspath(data_dir),
-                                      'input': {'num_frames': 0}})
+  config = _data_config('killed', data_dir)
   with pytest.raises(input_pipeline.DatasetNotFoundError, match='--folder DIR --dataset killed'):
     input_pipeline.get_dataset_info(config)
   code, out, err = run_script(*command[2:])
